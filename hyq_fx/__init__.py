@@ -1,7 +1,29 @@
 """hyq-fx: torch.fx passes for post-training quantization of hybrid CNN-Transformer models."""
 
 from .capture import CaptureError, capture
+from .pass_base import PASSES, HyqPass, PassResult, QuantContext, register_pass
+from .quantize import quantize
+from .quantizer import FakeQuantizer
+from .recipes import RECIPES, Recipe, get_recipe, register_recipe
+from .recipes import _register_builtin as _register_builtin_recipes
 from .spec import QuantSpec
 
-__all__ = ["CaptureError", "QuantSpec", "capture"]
+_register_builtin_recipes()
+
+__all__ = [
+    "PASSES",
+    "RECIPES",
+    "CaptureError",
+    "FakeQuantizer",
+    "HyqPass",
+    "PassResult",
+    "QuantContext",
+    "QuantSpec",
+    "Recipe",
+    "capture",
+    "get_recipe",
+    "quantize",
+    "register_pass",
+    "register_recipe",
+]
 __version__ = "0.1.0"

@@ -131,13 +131,22 @@ def normalize_graph(gm: fx.GraphModule) -> fx.GraphModule:
         delattr(gm, "_guards_fn")
     graph.eliminate_dead_code()
     graph.lint()
-    gm.recompile()
-    return gm
+    # a plain GraphModule: the exported one refuses .eval()/.train() and carries export state
+    plain = fx.GraphModule(gm, graph, class_name="CapturedModule")
+    plain.meta = {}
+    return plain.eval()
 
 
-def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> fx.GraphModule:
+def capture(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    dynamic_batch: bool = True,
+) -> fx.GraphModule:
     """Trace ``model`` (in eval mode) with torch.export into a normalised ATen GraphModule.
 
+    With ``dynamic_batch`` the leading dimension of every input stays symbolic, so the graph
+    runs on any batch size (calibration and evaluation batches differ, the last one is short).
     The model is deep-copied first, so it is never modified, not even its training flag.
     """
     if not isinstance(model, nn.Module):
@@ -151,7 +160,12 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     stack: list[str] = []
     try:
         with _module_tracker(model, stack), torch.no_grad():
-            exported = torch.export.export(model, example_inputs, strict=False)
+            dynamic = (
+                tuple({0: torch.export.Dim.AUTO} for _ in example_inputs) if dynamic_batch else None
+            )
+            exported = torch.export.export(
+                model, example_inputs, dynamic_shapes=dynamic, strict=False
+            )
     except Exception as exc:  # torch.export raises many types; we re-raise one clear error
         where = stack[-1] if stack else "<root>"
         mod = model.get_submodule(where) if where not in ("<root>", "?") else model

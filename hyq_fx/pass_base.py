@@ -1,0 +1,194 @@
+"""Pass infrastructure: a context, a base class with pre/postconditions, a registry.
+
+A pass is a ``torch.fx`` :class:`~torch.fx.passes.infra.pass_base.PassBase`: calling it on a
+GraphModule runs ``requires`` (precondition), ``call`` (the rewrite, returning
+``PassResult(gm, modified)``) and ``ensures`` (postcondition). Passes rewrite the module they
+are given; :func:`hyq_fx.quantize` hands them a fresh capture, never the user's model.
+
+Passes are registered by name so that a recipe, a JSON list of ``{"pass": name, "args": {}}``,
+can name them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .quantizer import FakeQuantizer
+
+__all__ = [
+    "HyqPass",
+    "PassResult",
+    "QuantContext",
+    "PASSES",
+    "PassError",
+    "register_pass",
+    "get_pass",
+]
+
+
+class PassError(ValueError):
+    """A pass was misconfigured or its precondition does not hold."""
+
+
+@dataclass
+class QuantContext:
+    """What passes share: calibration batches, default bit widths, the seed, progress bars."""
+
+    calib_batches: list[torch.Tensor] = field(default_factory=list)
+    w_bits: int = 8
+    a_bits: int = 8
+    seed: int = 0
+    progress: bool = True
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+class HyqPass(PassBase):
+    """Base of hyq-fx passes: ``name`` for the registry, options as keyword arguments."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, ctx: QuantContext | None = None) -> None:
+        self.ctx = ctx or QuantContext()
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        """The keyword options a recipe may set, with their defaults."""
+        sig = inspect.signature(cls.__init__)
+        return {
+            k: p.default
+            for k, p in sig.parameters.items()
+            if k not in ("self", "ctx") and p.kind == p.KEYWORD_ONLY
+        }
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = inspect.getdoc(cls) or ""
+        return doc.splitlines()[0] if doc else cls.name
+
+
+PASSES: dict[str, type[HyqPass]] = {}
+
+
+def register_pass(cls: type[HyqPass]) -> type[HyqPass]:
+    if not cls.name:
+        raise PassError(f"{cls.__qualname__} has no `name`")
+    if cls.name in PASSES and PASSES[cls.name] is not cls:
+        raise PassError(f"a pass named {cls.name!r} is already registered")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def get_pass(name: str) -> type[HyqPass]:
+    try:
+        return PASSES[name]
+    except KeyError:
+        raise PassError(
+            f"unknown pass {name!r}; registered passes: {', '.join(sorted(PASSES))}"
+        ) from None
+
+
+def build_pass(name: str, args: dict[str, Any], ctx: QuantContext) -> HyqPass:
+    cls = get_pass(name)
+    allowed = cls.options()
+    unknown = sorted(set(args) - set(allowed))
+    if unknown:
+        raise PassError(
+            f"pass {name!r} has no option(s) {unknown}; its options are {sorted(allowed) or 'none'}"
+        )
+    return cls(ctx, **args)
+
+
+# ---------------------------------------------------------------- graph helpers used by passes
+
+
+def get_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The parameter or buffer a ``get_attr`` node reads."""
+    if node.op != "get_attr":
+        raise PassError(f"node {node.name} is not a constant (get_attr), it is {node.op}")
+    obj: Any = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _unique_attr(gm: fx.GraphModule, hint: str) -> str:
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", hint).strip("_") or "const"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def add_constant(gm: fx.GraphModule, hint: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register ``tensor`` as a buffer of ``gm``; return a ``get_attr`` node before ``before``."""
+    name = _unique_attr(gm, hint)
+    gm.register_buffer(name, tensor.detach().clone())
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = tensor
+    return node
+
+
+def add_module_call(
+    gm: fx.GraphModule, hint: str, module: torch.nn.Module, arg: fx.Node, after: fx.Node
+) -> fx.Node:
+    """Add ``module`` as a submodule and a ``call_module`` node on ``arg``, after ``after``."""
+    name = _unique_attr(gm, hint)
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(after):
+        node = gm.graph.call_module(name, (arg,))
+    copy_module_meta(arg, node)
+    return node
+
+
+def copy_module_meta(src: fx.Node, dst: fx.Node) -> None:
+    for key, value in src.meta.items():
+        if key.startswith("hyq_module") or key == "nn_module_stack":
+            dst.meta[key] = value
+
+
+def prune_unused_attributes(gm: fx.GraphModule) -> None:
+    """Drop dead nodes, then the parameters, buffers and submodules no node reads any more."""
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name in used:
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner._parameters.pop(attr, None)
+        owner._buffers.pop(attr, None)
+    gm.delete_all_unused_submodules()
+
+
+def quantizers(gm: fx.GraphModule) -> dict[str, FakeQuantizer]:
+    return {n: m for n, m in gm.named_modules() if isinstance(m, FakeQuantizer)}
+
+
+def run_passes(
+    gm: fx.GraphModule,
+    passes: list[HyqPass],
+    on_result: Callable[[HyqPass, PassResult], None] | None = None,
+) -> fx.GraphModule:
+    for p in passes:
+        result = p(gm)
+        if result is None:
+            result = PassResult(gm, True)
+        gm = result.graph_module
+        gm.graph.lint()
+        gm.recompile()
+        if on_result is not None:
+            on_result(p, result)
+    return gm

@@ -1,0 +1,119 @@
+"""The quantize API: capture, run a recipe's passes, return a new fake-quant GraphModule."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .capture import capture
+from .pass_base import QuantContext, quantizers, run_passes
+from .recipes import Recipe, get_recipe
+from .spec import QuantSpec
+
+META_KEY = "hyq"
+
+
+class CalibrationDataError(ValueError):
+    """Calibration data that cannot be used."""
+
+
+def collect_batches(
+    data: Any, limit: int | None = None, batch_size: int = 32
+) -> list[torch.Tensor]:
+    """Calibration images as a list of float batches ``[N, C, H, W]``.
+
+    ``data`` may be a tensor of images, a list of tensors, or an iterable (a DataLoader) of
+    tensors or ``(images, labels)`` pairs. ``limit`` caps the number of images.
+    """
+    if isinstance(data, torch.Tensor):
+        data = list(data.split(batch_size))
+    batches: list[torch.Tensor] = []
+    seen = 0
+    if not isinstance(data, Iterable):
+        raise CalibrationDataError(
+            f"calibration data must be a tensor, a list of tensors or a DataLoader, "
+            f"got {type(data).__name__}"
+        )
+    for item in data:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise CalibrationDataError(
+                f"calibration batch {len(batches)} is not a float image tensor "
+                f"(got {type(x).__name__}); yield images [N, C, H, W] or (images, labels)"
+            )
+        if limit is not None and seen + x.shape[0] > limit:
+            x = x[: limit - seen]
+        if x.shape[0]:
+            batches.append(x)
+            seen += x.shape[0]
+        if limit is not None and seen >= limit:
+            break
+    if not batches:
+        raise CalibrationDataError(
+            "no calibration images: the calibration data is empty (check the folder or loader)"
+        )
+    return batches
+
+
+@contextlib.contextmanager
+def quantizers_mode(gm: fx.GraphModule, mode: str) -> Iterator[None]:
+    """Temporarily set every FakeQuantizer to ``mode`` ('off' gives the float graph)."""
+    fqs = quantizers(gm)
+    saved = {name: fq.mode for name, fq in fqs.items()}
+    for fq in fqs.values():
+        fq.mode = mode
+    try:
+        yield
+    finally:
+        for name, fq in fqs.items():
+            fq.mode = saved[name]
+
+
+def quantize(
+    model: nn.Module,
+    calib_data: Any,
+    recipe: str | Recipe = "minmax",
+    w_bits: int = 8,
+    a_bits: int = 8,
+    *,
+    calib_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> fx.GraphModule:
+    """Quantize ``model`` with ``recipe`` and return a new fake-quant GraphModule.
+
+    The model is captured from a deep copy; neither its parameters nor its training flag
+    change. ``calib_data`` is a DataLoader, a tensor or a list of image batches.
+    """
+    for what, bits in (("w_bits", w_bits), ("a_bits", a_bits)):
+        try:
+            QuantSpec(bits=bits)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from None
+    recipe = get_recipe(recipe)
+    batches = collect_batches(calib_data, calib_size)
+    torch.manual_seed(seed)
+    ctx = QuantContext(batches, w_bits=w_bits, a_bits=a_bits, seed=seed, progress=progress)
+    passes = recipe.build(ctx)  # fails on a bad recipe before the (slower) capture
+    example = batches[0]
+    if example.shape[0] < 2:  # a batch of one would specialise the batch dimension
+        example = example.repeat(2, *([1] * (example.dim() - 1)))
+    start = time.perf_counter()
+    gm = capture(model, example[:2])
+    gm = run_passes(gm, passes)
+    gm.eval()
+    gm.meta[META_KEY] = {
+        "recipe": recipe.to_dict(),
+        "w_bits": w_bits,
+        "a_bits": a_bits,
+        "seed": seed,
+        "n_calib": sum(b.shape[0] for b in batches),
+        "calib_seconds": round(time.perf_counter() - start, 3),
+        "input_shape": list(example.shape[1:]),
+    }
+    return gm

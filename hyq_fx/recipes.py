@@ -1,0 +1,178 @@
+"""Recipes: named, JSON-serialisable lists of passes with their arguments.
+
+A recipe is configuration as data (like a timm model config)::
+
+    {"name": "minmax", "description": "...", "passes": [
+        {"pass": "decompose_attention"},
+        {"pass": "insert_quantizers", "args": {"activation": {"observer": "minmax"}}},
+        {"pass": "calibrate"}]}
+
+``get_recipe`` takes a registered name or the path of such a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .pass_base import PASSES, HyqPass, PassError, QuantContext, build_pass
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used: unknown name, malformed JSON, bad pass entry."""
+
+
+@dataclass(frozen=True)
+class PassStep:
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pass": self.name, "args": self.args} if self.args else {"pass": self.name}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    passes: tuple[PassStep, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "passes": [p.to_dict() for p in self.passes],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where}: a recipe is a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"name", "description", "passes"})
+        if unknown:
+            raise RecipeError(
+                f"{where}: unknown key(s) {unknown}; a recipe has 'name', 'description', 'passes'"
+            )
+        for key in ("name", "passes"):
+            if key not in data:
+                raise RecipeError(f"{where}: missing key '{key}'")
+        if not isinstance(data["passes"], list) or not data["passes"]:
+            raise RecipeError(f"{where}: 'passes' must be a non-empty list of pass entries")
+        steps = []
+        for i, entry in enumerate(data["passes"]):
+            here = f"{where}: passes[{i}]"
+            if not isinstance(entry, dict) or "pass" not in entry:
+                raise RecipeError(f"{here} must be an object with a 'pass' key, got {entry!r}")
+            extra = sorted(set(entry) - {"pass", "args"})
+            if extra:
+                raise RecipeError(f"{here}: unknown key(s) {extra}; use 'pass' and 'args'")
+            args = entry.get("args", {})
+            if not isinstance(args, dict):
+                raise RecipeError(f"{here}: 'args' must be an object, got {args!r}")
+            if entry["pass"] not in PASSES:
+                raise RecipeError(
+                    f"{here}: unknown pass {entry['pass']!r}; registered passes: "
+                    f"{', '.join(sorted(PASSES))}"
+                )
+            allowed = PASSES[entry["pass"]].options()
+            bad = sorted(set(args) - set(allowed))
+            if bad:
+                raise RecipeError(
+                    f"{here}: pass {entry['pass']!r} has no option(s) {bad}; its options are "
+                    f"{sorted(allowed) or 'none'}"
+                )
+            steps.append(PassStep(entry["pass"], args))
+        return cls(str(data["name"]), str(data.get("description", "")), tuple(steps))
+
+    def build(self, ctx: QuantContext) -> list[HyqPass]:
+        try:
+            return [build_pass(s.name, s.args, ctx) for s in self.passes]
+        except PassError as exc:
+            raise RecipeError(f"recipe {self.name!r}: {exc}") from exc
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe | dict[str, Any]) -> Recipe:
+    if isinstance(recipe, dict):
+        recipe = Recipe.from_dict(recipe)
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def get_recipe(name_or_path: str | Recipe) -> Recipe:
+    """A registered recipe by name, or one read from a JSON file path."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    if name_or_path in RECIPES:
+        return RECIPES[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RecipeError(
+                f"recipe file {path} is not valid JSON: {exc.msg} at line {exc.lineno}, "
+                f"column {exc.colno}"
+            ) from None
+        return Recipe.from_dict(data, where=str(path))
+    raise RecipeError(
+        f"unknown recipe {name_or_path!r}; registered recipes: {', '.join(sorted(RECIPES))} "
+        "(or give the path of a recipe .json file)"
+    )
+
+
+def _baseline(name: str, description: str, observer: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "description": description,
+        "passes": [
+            {"pass": "decompose_attention"},
+            {"pass": "fold_batchnorm"},
+            {
+                "pass": "insert_quantizers",
+                "args": {
+                    "ops": ["conv2d", "linear", "matmul"],
+                    "weight": {"symmetric": True, "per_channel": True, "observer": "minmax"},
+                    "activation": {"symmetric": False, "per_channel": False, "observer": observer},
+                },
+            },
+            {"pass": "calibrate"},
+        ],
+    }
+
+
+def _register_builtin() -> None:
+    from . import passes  # noqa: F401  (registers the passes)
+
+    register_recipe(
+        _baseline(
+            "minmax",
+            "Naive PTQ baseline: per-channel symmetric weights, per-tensor asymmetric min-max "
+            "activations on every conv/linear/attention-matmul input.",
+            "minmax",
+        )
+    )
+    register_recipe(
+        _baseline(
+            "percentile",
+            "As minmax, but activation ranges clipped at the percentile (0.999..1) with the "
+            "least L2 error, as RepQ-ViT calibrates.",
+            "percentile",
+        )
+    )
+    register_recipe(
+        _baseline(
+            "mse",
+            "As minmax, but activation ranges shrunk to the clipping with the least L2 error.",
+            "mse",
+        )
+    )

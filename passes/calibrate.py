@@ -1,0 +1,92 @@
+"""calibrate: run the calibration batches and give every observing quantizer its scale.
+
+Static PTQ calibration: with all quantizers observing (the graph computes in float), each
+observer records its tensor over the calibration set; then ``(s, z)`` are derived from the
+observed range (``s = (max − min)/(qmax − qmin)``, ``z = qmin − round(min/s)``, or the
+symmetric ``s = max|x|/qmax``) and the quantizers switch to fake-quantizing. Quantizers that
+already have a scale are left as they are, so a later pass may add quantizers and calibrate
+again. Non-finite values are caught at the first node that produces them.
+Invariant checked by the test: afterwards every quantizer is calibrated and quantizing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from hyq_fx.pass_base import HyqPass, PassError, PassResult, quantizers, register_pass
+
+
+class NonFiniteError(PassError):
+    """NaN or Inf appeared while calibrating."""
+
+
+def first_nonfinite_node(gm: fx.GraphModule, batch: torch.Tensor) -> fx.Node | None:
+    """The first node (in execution order) whose output holds NaN or Inf for ``batch``."""
+    found: list[fx.Node] = []
+
+    class _Finder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            out = super().run_node(n)
+            if not found and isinstance(out, torch.Tensor) and out.is_floating_point():
+                if not torch.isfinite(out).all():
+                    found.append(n)
+            return out
+
+    with torch.no_grad():
+        _Finder(gm).run(batch)
+    return found[0] if found else None
+
+
+@register_pass
+class Calibrate(HyqPass):
+    """Observe the calibration batches, then set each new quantizer's scale and zero-point."""
+
+    name = "calibrate"
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        if not self.ctx.calib_batches:
+            raise PassError(
+                "calibrate: no calibration data; pass calibration images to hyq_fx.quantize "
+                "(a DataLoader or a list of tensors)"
+            )
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        pending = {name: fq for name, fq in quantizers(gm).items() if not fq.calibrated}
+        if not pending:
+            return PassResult(gm, False)
+        for fq in pending.values():
+            fq.set_mode("observe")
+        batches = tqdm(
+            self.ctx.calib_batches, desc="calibrate", disable=not self.ctx.progress, leave=False
+        )
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                out = gm(batch)
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                if not all(torch.isfinite(o).all() for o in outs if isinstance(o, torch.Tensor)):
+                    node = first_nonfinite_node(gm, batch)
+                    where = (
+                        f"node '{node.name}' ({node.target}, module "
+                        f"'{node.meta.get('hyq_module_path', '?')}')"
+                        if node is not None
+                        else "the output"
+                    )
+                    raise NonFiniteError(
+                        f"calibrate: NaN/Inf first appears at {where} on calibration batch {i}; "
+                        "check the input preprocessing (mean/std) and the model's weights"
+                    )
+        for name, fq in pending.items():
+            if not fq.observer.ready:
+                raise PassError(
+                    f"calibrate: quantizer '{name}' saw no data; its op is not reached by the "
+                    "calibration inputs"
+                )
+            fq.calibrate()
+        return PassResult(gm, True)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        for name, fq in quantizers(gm).items():
+            if not fq.calibrated:
+                raise PassError(f"calibrate: quantizer '{name}' is still uncalibrated")
