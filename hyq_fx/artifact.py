@@ -1,0 +1,66 @@
+"""Save and load a quantized model as a directory: graph.json + model.safetensors (no pickle).
+
+``save(gm, out_dir)`` writes the graph, every tensor (weights and quantizer scales) and the
+quantization metadata of ``gm.meta["hyq"]`` (recipe, bits, the model's preprocessing);
+``load(out_dir)`` restores a GraphModule whose outputs are identical to the saved one's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from torch import fx
+
+from .quantize import META_KEY
+from .serialize import load_graph_module, save_graph_module
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory already holds a result."""
+
+
+def save(gm: fx.GraphModule, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    save_graph_module(gm, out, metadata=dict(gm.meta.get(META_KEY, {})))
+    return out
+
+
+def load(out_dir: str | Path) -> fx.GraphModule:
+    """The quantized GraphModule saved in ``out_dir`` (by ``hyq-fx quantize --out`` or ``save``)."""
+    gm, metadata = load_graph_module(out_dir)
+    gm.meta[META_KEY] = metadata
+    return gm.eval()
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / "graph.json").is_file()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging directory that becomes ``out_dir`` only if the block completes.
+
+    An interrupted run (an error, Ctrl-C) leaves no half-written ``out_dir``; an existing
+    ``out_dir`` is replaced only with ``overwrite``.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(
+            f"output directory {out} already exists; choose another --out or pass --overwrite "
+            "to replace it"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)

@@ -1,0 +1,220 @@
+"""The ``hyq-fx`` command line: quantize, eval, inspect, recipes, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .artifact import OutputExistsError, atomic_output_dir, is_artifact, load, save
+from .quantize import META_KEY, quantize
+from .recipes import RECIPES, RecipeError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OutputExistsError)
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    return {
+        "hyq_fx": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_threads": str(torch.get_num_threads()),
+    }
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _load_any(spec: str):
+    """A float model (timm name, local-dir:, directory) or a saved quantized artifact."""
+    from .models import load_model
+
+    if is_artifact(spec):
+        gm = load(spec)
+        return gm, gm.meta[META_KEY].get("model_info", {})
+    return load_model(spec, pretrained=not _is_timm_name(spec))
+
+
+def _is_timm_name(spec: str) -> bool:
+    return not (spec.startswith(("local-dir:", "embedded:")) or Path(spec).exists())
+
+
+def _eval(model, model_info, data: str, limit: int | None, progress: bool, desc: str):
+    from .data import evaluate_top1, image_folder, make_loader
+
+    ds = image_folder(data, model_info, limit=limit, expected_classes=model_info.get("num_classes"))
+    return evaluate_top1(model, make_loader(ds, batch_size=64), progress=progress, desc=desc)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .data import image_folder, make_loader
+    from .models import load_model
+    from .report import layer_report
+
+    progress = not args.no_progress
+    model, info = load_model(args.model, pretrained=not _is_timm_name(args.model))
+    calib = image_folder(args.calib, info, limit=args.calib_size, seed=args.seed)
+    calib_loader = make_loader(calib, batch_size=args.batch_size)
+    out_dir = Path(args.out)
+    with atomic_output_dir(out_dir, overwrite=args.overwrite) as staging:
+        start = time.perf_counter()
+        qgm = quantize(
+            model, calib_loader, args.recipe, args.w_bits, args.a_bits,
+            seed=args.seed, progress=progress,
+        )  # fmt: skip
+        calib_seconds = time.perf_counter() - start
+        qgm.meta[META_KEY]["model_info"] = info
+        first_batch = next(iter(calib_loader))[0][:8]
+        report: dict[str, Any] = {
+            "model": args.model,
+            "architecture": info.get("architecture"),
+            "recipe": qgm.meta[META_KEY]["recipe"]["name"],
+            "w_bits": args.w_bits,
+            "a_bits": args.a_bits,
+            "seed": args.seed,
+            "n_calib": len(calib),
+            "calib_seconds": round(calib_seconds, 2),
+            "fp32_top1": None,
+            "quant_top1": None,
+            "n_eval": 0,
+        }
+        if args.eval:
+            fp = _eval(model, info, args.eval, args.eval_limit, progress, "eval fp32")
+            q = _eval(qgm, info, args.eval, args.eval_limit, progress, "eval quant")
+            same = sum(a == b for a, b in zip(fp["predictions"], q["predictions"], strict=True))
+            report.update(
+                fp32_top1=round(fp["top1"] * 100, 2),
+                quant_top1=round(q["top1"] * 100, 2),
+                drop=round((fp["top1"] - q["top1"]) * 100, 2),
+                agreement=round(same / max(fp["n"], 1) * 100, 2),
+                n_eval=fp["n"],
+            )
+        report["layers"] = layer_report(qgm, first_batch)
+        report["versions"] = _versions()
+        save(qgm, staging)
+        (staging / "report.json").write_text(json.dumps(report, indent=2))
+    summary = {k: v for k, v in report.items() if k not in ("layers", "versions")}
+    summary["out"] = str(out_dir)
+    _print_json(summary)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model, info = _load_any(args.model)
+    result = _eval(model, info, args.data, args.limit, not args.no_progress, "eval")
+    _print_json({"model": args.model, "top1": round(result["top1"] * 100, 2), "n": result["n"]})
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .capture import capture
+    from .graph import summarize, tag_norms, to_dot
+
+    model, info = _load_any(args.model)
+    size = tuple(info.get("pretrained_cfg", {}).get("input_size") or (3, 224, 224))
+    gm = model if is_artifact(args.model) else capture(model, torch.randn(2, *size))
+    summary = summarize(gm)
+    _print_json({"model": args.model, **summary})
+    if args.dot:
+        norms = tag_norms(gm)
+        highlight = {n.node: "lightblue" for n in norms}
+        for t in summary.get("transitions", []):
+            for key in ("entry", "exit"):
+                if t.get(key):
+                    highlight[t[key]] = "orange"
+        to_dot(gm, args.dot, highlight=highlight)
+        print(f"wrote {args.dot}", file=sys.stderr)
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    if args.json:
+        _print_json([r.to_dict() for r in RECIPES.values()])
+        return 0
+    width = max(len(n) for n in RECIPES)
+    for name, recipe in sorted(RECIPES.items()):
+        print(f"{name:<{width}}  {recipe.description}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _print_json(run_demo(args.out, steps=args.steps, progress=not args.no_progress))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hyq-fx",
+        description="Post-training quantization of hybrid CNN-Transformer models with torch.fx.",
+    )
+    parser.add_argument("--version", action="version", version=f"hyq-fx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write OUT/report.json")
+    q.add_argument("model", help="timm name, local-dir:PATH, or a dir with config.json")
+    q.add_argument("--calib", required=True, help="ImageFolder of calibration images")
+    q.add_argument("--eval", help="ImageFolder to measure FP32 and quantized top-1 on")
+    q.add_argument("--recipe", default="minmax", help="recipe name or JSON file (hyq-fx recipes)")
+    q.add_argument("--w-bits", type=int, default=8)
+    q.add_argument("--a-bits", type=int, default=8)
+    q.add_argument("--calib-size", type=int, default=256, help="calibration images (default 256)")
+    q.add_argument("--eval-limit", type=int, help="evaluate on a class-balanced subset")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--out", default="hyq-out", help="output directory (default hyq-out)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="top-1 of a model or a quantized OUT dir, as JSON")
+    e.add_argument("model", help="timm name, local-dir:PATH, model dir, or a quantize --out dir")
+    e.add_argument("--data", required=True, help="ImageFolder of labelled images")
+    e.add_argument("--limit", type=int)
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="norm variants, conv→transformer transitions, op counts")
+    i.add_argument("model")
+    i.add_argument("--dot", help="also write the graph as Graphviz DOT")
+    i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("recipes", help="list the recipes")
+    r.add_argument("--json", action="store_true", help="print the recipes as JSON")
+    r.set_defaults(func=cmd_recipes)
+
+    d = sub.add_parser("demo", help="quantize the bundled MobileViT-XXS data-free")
+    d.add_argument("--out", help="also save the quantized model here")
+    d.add_argument("--steps", type=int, default=None, help="synthesis steps (default: tuned)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RecipeError, *USER_ERRORS) as exc:
+        print(f"hyq-fx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hyq-fx {args.command}: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
