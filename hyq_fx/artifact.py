@@ -56,6 +56,9 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a result dir is an ordinary one
     try:
         yield staging
     except BaseException:

@@ -91,6 +91,8 @@ def _module_meta(node: fx.Node) -> tuple[str, str]:
     if not stack:
         return "", ""
     path, mtype = list(stack.values())[-1]
+    if str(path).startswith("_empty_nn_module_stack"):  # export's placeholder for size nodes
+        return "", ""
     if isinstance(mtype, type):
         mtype = f"{mtype.__module__}.{mtype.__qualname__}"
     return str(path), str(mtype)

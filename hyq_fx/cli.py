@@ -17,7 +17,21 @@ from .artifact import OutputExistsError, atomic_output_dir, is_artifact, load, s
 from .quantize import META_KEY, quantize
 from .recipes import RECIPES, RecipeError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OutputExistsError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that describe bad input: printed as one clear line, not a traceback."""
+    from .capture import CaptureError
+    from .data import DataError
+    from .models import ModelLoadError
+    from .pass_base import PassError
+    from .quantize import CalibrationDataError
+    from .serialize import SerializationError
+    from .spec import QuantSpecError
+
+    return (
+        CaptureError, DataError, ModelLoadError, PassError, CalibrationDataError,
+        SerializationError, QuantSpecError, RecipeError, OutputExistsError, FileNotFoundError,
+    )  # fmt: skip
 
 
 def _versions() -> dict[str, str]:
@@ -208,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, *USER_ERRORS) as exc:
+    except _user_errors() as exc:
         print(f"hyq-fx {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

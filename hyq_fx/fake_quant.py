@@ -85,4 +85,6 @@ def qparams_from_range(
 def quantize_with_spec(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor):
     """Fake-quantize ``x`` with the scale that covers ``[lo, hi]`` under ``spec``."""
     scale, zp = qparams_from_range(lo, hi, spec)
-    return fake_quantize(x, scale, zp, spec.qmin, spec.qmax, spec.axis if spec.per_channel else None)
+    return fake_quantize(
+        x, scale, zp, spec.qmin, spec.qmax, spec.axis if spec.per_channel else None
+    )

@@ -60,7 +60,9 @@ class Observer:
 
     def range_for(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         if self.lo is None:
-            raise RuntimeError("observer has seen no data: run calibration batches through it first")
+            raise RuntimeError(
+                "observer has seen no data: run calibration batches through it first"
+            )
         return self.lo, self.hi
 
 

@@ -12,6 +12,7 @@ constrained". Patterns match positional arguments only.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +24,10 @@ class Pattern:
     binding: str | None = None
 
     def named(self, name: str) -> Pattern:
-        self.binding = name
-        return self
+        """A copy of this pattern that binds the matched value to ``name``."""
+        named = copy.copy(self)
+        named.binding = name
+        return named
 
     def _match(self, value: Any, bindings: dict[str, Any]) -> bool:
         raise NotImplementedError
@@ -85,9 +88,8 @@ class OpPattern(Pattern):
         return OpPattern(self.targets, pats, open_ended, self.single_use)
 
     def only_used_once(self) -> OpPattern:
-        """Match only if this node's value has one user (so rewriting it is safe)."""
-        self.single_use = True
-        return self
+        """A copy that matches only a node with one user (so rewriting it is safe)."""
+        return OpPattern(self.targets, self.args, self.open_ended, True)
 
     def _match(self, value: Any, bindings: dict[str, Any]) -> bool:
         if not (isinstance(value, fx.Node) and value.op == "call_function"):

@@ -13,7 +13,7 @@ from torch import fx, nn
 from .capture import capture
 from .pass_base import QuantContext, quantizers, run_passes
 from .recipes import Recipe, get_recipe
-from .spec import QuantSpec
+from .spec import QuantSpec, QuantSpecError
 
 META_KEY = "hyq"
 
@@ -93,8 +93,8 @@ def quantize(
     for what, bits in (("w_bits", w_bits), ("a_bits", a_bits)):
         try:
             QuantSpec(bits=bits)
-        except ValueError as exc:
-            raise ValueError(f"{what}: {exc}") from None
+        except QuantSpecError as exc:
+            raise QuantSpecError(f"{what}: {exc}") from None
     recipe = get_recipe(recipe)
     batches = collect_batches(calib_data, calib_size)
     torch.manual_seed(seed)

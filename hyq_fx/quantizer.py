@@ -83,4 +83,6 @@ class FakeQuantizer(nn.Module):
         return fq
 
     def extra_repr(self) -> str:
-        return f"{self.spec.describe()}, {self.role}, observer={self.observer_name}, mode={self.mode}"
+        return (
+            f"{self.spec.describe()}, {self.role}, observer={self.observer_name}, mode={self.mode}"
+        )
