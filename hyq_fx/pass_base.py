@@ -173,6 +173,25 @@ def prune_unused_attributes(gm: fx.GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
+def record_node_outputs(
+    gm: fx.GraphModule, batch: torch.Tensor, names: set[str] | list[str]
+) -> dict[str, torch.Tensor]:
+    """Run ``gm`` on ``batch`` and return the (detached) outputs of the nodes named ``names``."""
+    wanted = set(names)
+    found: dict[str, torch.Tensor] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            out = super().run_node(n)
+            if n.name in wanted:
+                found[n.name] = out.detach() if isinstance(out, torch.Tensor) else out
+            return out
+
+    with torch.no_grad():
+        _Recorder(gm).run(batch)
+    return found
+
+
 def quantizers(gm: fx.GraphModule) -> dict[str, FakeQuantizer]:
     return {n: m for n, m in gm.named_modules() if isinstance(m, FakeQuantizer)}
 

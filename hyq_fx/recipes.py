@@ -7,7 +7,8 @@ A recipe is configuration as data (like a timm model config)::
         {"pass": "insert_quantizers", "args": {"activation": {"observer": "minmax"}}},
         {"pass": "calibrate"}]}
 
-``get_recipe`` takes a registered name or the path of such a JSON file.
+``get_recipe`` takes a registered name or the path of such a JSON file. The built-in recipes
+are the files of ``hyq_fx/recipe_zoo/``, one JSON file per recipe.
 """
 
 from __future__ import annotations
@@ -130,49 +131,12 @@ def get_recipe(name_or_path: str | Recipe) -> Recipe:
     )
 
 
-def _baseline(name: str, description: str, observer: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "description": description,
-        "passes": [
-            {"pass": "decompose_attention"},
-            {"pass": "fold_batchnorm"},
-            {
-                "pass": "insert_quantizers",
-                "args": {
-                    "ops": ["conv2d", "linear", "matmul"],
-                    "weight": {"symmetric": True, "per_channel": True, "observer": "minmax"},
-                    "activation": {"symmetric": False, "per_channel": False, "observer": observer},
-                },
-            },
-            {"pass": "calibrate"},
-        ],
-    }
+ZOO = Path(__file__).resolve().parent / "recipe_zoo"
 
 
 def _register_builtin() -> None:
-    from . import passes  # noqa: F401  (registers the passes)
+    """Register the passes and every recipe of ``recipe_zoo/*.json`` (one file per recipe)."""
+    from . import passes  # noqa: F401  (importing the package registers the passes)
 
-    register_recipe(
-        _baseline(
-            "minmax",
-            "Naive PTQ baseline: per-channel symmetric weights, per-tensor asymmetric min-max "
-            "activations on every conv/linear/attention-matmul input.",
-            "minmax",
-        )
-    )
-    register_recipe(
-        _baseline(
-            "percentile",
-            "As minmax, but activation ranges clipped at the percentile (0.999..1) with the "
-            "least L2 error, as RepQ-ViT calibrates.",
-            "percentile",
-        )
-    )
-    register_recipe(
-        _baseline(
-            "mse",
-            "As minmax, but activation ranges shrunk to the clipping with the least L2 error.",
-            "mse",
-        )
-    )
+    for path in sorted(ZOO.glob("*.json")):
+        register_recipe(get_recipe(str(path)))

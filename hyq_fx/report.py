@@ -13,22 +13,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from .pass_base import record_node_outputs
 from .quantize import quantizers_mode
-
-
-def _outputs(gm: fx.GraphModule, batch: torch.Tensor, names: set[str]) -> dict[str, torch.Tensor]:
-    found: dict[str, torch.Tensor] = {}
-
-    class _Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node):
-            out = super().run_node(n)
-            if n.name in names:
-                found[n.name] = out.detach()
-            return out
-
-    with torch.no_grad():
-        _Recorder(gm).run(batch)
-    return found
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -56,8 +42,8 @@ def layer_report(gm: fx.GraphModule, batch: torch.Tensor) -> list[dict[str, Any]
     ops = quantized_ops(gm)
     names = {n.name for n in ops}
     with quantizers_mode(gm, "off"):
-        fp = _outputs(gm, batch, names)
-    quant = _outputs(gm, batch, names)
+        fp = record_node_outputs(gm, batch, names)
+    quant = record_node_outputs(gm, batch, names)
     rows = []
     for node in ops:
         record = node.meta["hyq_quant"]

@@ -1,5 +1,10 @@
-"""hyq-fx passes: each module holds one GraphModule → GraphModule rewrite, registered by name."""
+"""hyq-fx passes: each module holds one GraphModule → GraphModule rewrite, registered by name.
 
-from . import calibrate, decompose_attention, fold_batchnorm, insert_quantizers
+Every module of this package is imported here, so adding a pass is adding a file.
+"""
 
-__all__ = ["calibrate", "decompose_attention", "fold_batchnorm", "insert_quantizers"]
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")

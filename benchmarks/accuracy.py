@@ -1,0 +1,131 @@
+"""Accuracy benchmark: every recipe × bit setting × shared CIFAR-10 checkpoint, in one run.
+
+Calibrates on ``../shared/data/cifar10/calib`` and evaluates FP32 and quantized top-1 on
+``../shared/data/cifar10/dev``. Writes ``benchmarks/results/accuracy.{json,md}``; each
+(model, recipe, setting) row is saved as soon as it is done, so a rerun resumes.
+
+    python benchmarks/accuracy.py                        # everything
+    python benchmarks/accuracy.py --models mobilevit_xxs.cifar10 --recipes minmax \\
+        --settings W8A8 W6A6 --limit 1000                # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, SHARED, ResultStore, command_line, machine  # noqa: E402
+
+import hyq_fx  # noqa: E402
+from hyq_fx.data import evaluate_top1, image_folder, make_loader  # noqa: E402
+from hyq_fx.models import load_model  # noqa: E402
+
+SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
+MODELS = ("mobilevit_xxs.cifar10", "mobilevitv2_050.cifar10")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--recipes", nargs="+", default=sorted(hyq_fx.RECIPES))
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--calib-size", type=int, default=256)
+    p.add_argument("--limit", type=int, help="evaluate on a class-balanced subset of dev")
+    p.add_argument("--out", default=str(RESULTS / "accuracy"), help="results path stem")
+    p.add_argument("--fresh", action="store_true", help="ignore rows saved by an earlier run")
+    args = p.parse_args()
+
+    store = ResultStore(Path(args.out + ".json"))
+    if args.fresh:
+        store.data = {"rows": {}}
+    store.data["machine"] = machine()
+    store.data["command"] = command_line()
+    calib_dir = SHARED / "data" / "cifar10" / "calib"
+    dev_dir = SHARED / "data" / "cifar10" / "dev"
+    for name in args.models:
+        model, info = load_model(f"local-dir:{SHARED / 'checkpoints' / name}")
+        dev = make_loader(image_folder(dev_dir, info, limit=args.limit), batch_size=100)
+        calib = make_loader(image_folder(calib_dir, info, limit=args.calib_size), batch_size=32)
+        fp_key = f"{name}|fp32|{args.limit}"
+        if not store.has(fp_key):
+            fp = evaluate_top1(model, dev, desc=f"{name} fp32")
+            store.put(fp_key, {"model": name, "top1": fp["top1"] * 100, "n_eval": fp["n"]})
+        fp_top1 = store.get(fp_key)["top1"]
+        for recipe in args.recipes:
+            for setting in args.settings:
+                key = f"{name}|{recipe}|{setting}|{args.calib_size}|{args.limit}"
+                if store.has(key):
+                    continue
+                w_bits, a_bits = SETTINGS[setting]
+                start = time.perf_counter()
+                qgm = hyq_fx.quantize(model, calib, recipe, w_bits, a_bits, seed=0)
+                calib_s = time.perf_counter() - start
+                q = evaluate_top1(qgm, dev, desc=f"{name} {recipe} {setting}")
+                store.put(
+                    key,
+                    {
+                        "model": name,
+                        "recipe": recipe,
+                        "setting": setting,
+                        "fp32_top1": round(fp_top1, 2),
+                        "quant_top1": round(q["top1"] * 100, 2),
+                        "drop": round(fp_top1 - q["top1"] * 100, 2),
+                        "calib_seconds": round(calib_s, 1),
+                        "n_calib": args.calib_size,
+                        "n_eval": q["n"],
+                    },
+                )
+                print(store.get(key), flush=True)
+    write_markdown(store, Path(args.out + ".md"))
+
+
+def write_markdown(store: ResultStore, path: Path) -> None:
+    rows = [r for r in store.data["rows"].values() if "recipe" in r]
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
+    lines = [
+        "# Accuracy: top-1 on CIFAR-10 dev (drop vs FP32 in points)",
+        "",
+        f"Command: `{store.data.get('command', '')}`",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in store.data.get("machine", {}).items()),
+        "",
+    ]
+    fps = [r for r in store.data["rows"].values() if "recipe" not in r]
+    for r in fps:
+        lines.append(f"- FP32 {r['model']}: {r['top1']:.2f}% on {r['n_eval']} images")
+    lines += ["", "| model | recipe | " + " | ".join(settings) + " | calib s |"]
+    lines.append("|---|---|" + "---|" * len(settings) + "---|")
+    for model in sorted({r["model"] for r in rows}):
+        for recipe in sorted({r["recipe"] for r in rows if r["model"] == model}):
+            cells, secs = [], []
+            for s in settings:
+                r = next(
+                    (
+                        x
+                        for x in rows
+                        if (x["model"], x["recipe"], x["setting"]) == (model, recipe, s)
+                    ),
+                    None,
+                )
+                cells.append(f"{r['quant_top1']:.2f} ({-r['drop']:+.2f})" if r else "—")
+                if r:
+                    secs.append(r["calib_seconds"])
+            lines.append(
+                f"| {model} | {recipe} | " + " | ".join(cells) + f" | {max(secs, default=0):.0f} |"
+            )
+        lines.append("")
+    subsets = {(r["n_eval"], r["n_calib"]) for r in rows}
+    lines.append(
+        "Evaluated / calibrated on: "
+        + ", ".join(f"{e} eval images, {c} calibration images" for e, c in sorted(subsets))
+        + " (dev has 5000; fewer means a class-balanced subset)."
+    )
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
