@@ -1,5 +1,7 @@
 """hyq-fx: torch.fx passes for post-training quantization of hybrid CNN-Transformer models."""
 
+from . import models
+from .artifact import load, save
 from .capture import CaptureError, capture
 from .pass_base import PASSES, HyqPass, PassResult, QuantContext, register_pass
 from .quantize import quantize
@@ -21,6 +23,9 @@ __all__ = [
     "QuantSpec",
     "Recipe",
     "capture",
+    "load",
+    "models",
+    "save",
     "get_recipe",
     "quantize",
     "register_pass",

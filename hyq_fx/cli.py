@@ -15,7 +15,8 @@ import torch
 from . import __version__
 from .artifact import OutputExistsError, atomic_output_dir, is_artifact, load, save
 from .quantize import META_KEY, quantize
-from .recipes import RECIPES, RecipeError
+from .recipes import RECIPES, RecipeError, get_recipe
+from .spec import QuantSpec
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -78,6 +79,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .report import layer_report
 
     progress = not args.no_progress
+    get_recipe(args.recipe)  # fail fast on a bad recipe or bit width, before any slow work
+    QuantSpec(bits=args.w_bits), QuantSpec(bits=args.a_bits)
     model, info = load_model(args.model, pretrained=not _is_timm_name(args.model))
     calib = image_folder(args.calib, info, limit=args.calib_size, seed=args.seed)
     calib_loader = make_loader(calib, batch_size=args.batch_size)
