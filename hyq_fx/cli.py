@@ -137,11 +137,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .capture import capture
-    from .graph import summarize, tag_norms, to_dot
+    from .graph import propagate_shapes, summarize, tag_norms, to_dot
 
     model, info = _load_any(args.model)
     size = tuple(info.get("pretrained_cfg", {}).get("input_size") or (3, 224, 224))
-    gm = model if is_artifact(args.model) else capture(model, torch.randn(2, *size))
+    example = torch.randn(2, *size)
+    if is_artifact(args.model):
+        gm = propagate_shapes(model, example)  # a loaded graph carries no shapes
+    else:
+        gm = capture(model, example)
     summary = summarize(gm)
     _print_json({"model": args.model, **summary})
     if args.dot:
