@@ -270,3 +270,5 @@ def load_model(
     if path.is_dir() or (looks_like_path and not spec.startswith(("hf-hub:", "timm/"))):
         return _load_dir(path, spec, pretrained, kwargs)
     return _load_timm(spec, pretrained, kwargs)
+
+from . import mobile_former  # noqa: E402,F401  (registers mobile_former_* in timm)
