@@ -1,0 +1,1274 @@
+"""ONNX QDQ backend: write a hyq-fx fake-quant GraphModule as a QDQ ONNX model, and run it.
+
+Every calibrated :class:`~hyq_fx.quantizer.FakeQuantizer` ``Q`` (scale ``s``, zero-point ``z``,
+integer range ``[qmin, qmax]``) becomes standard ONNX operators (the "QDQ format" of ONNX
+Runtime, `onnxruntime.ai/docs/performance/model-optimizations/quantization.html`)::
+
+    activation:  x̂ = DequantizeLinear(Clip(QuantizeLinear(x, s, z), qmin, qmax), s, z)
+    weight:      Ŵ = DequantizeLinear(W_q, s, z, axis),  W_q = clamp(round(W/s) + z, qmin, qmax)
+
+``W_q`` is computed here and stored once as an int8 (symmetric) / uint8 (asymmetric)
+initializer, so the file holds one byte per weight. ``Clip`` is emitted only where the range
+is narrower than the 8-bit container (symmetric ``±127``, or fewer than 8 bits); weights of
+fewer than 8 bits are pre-rounded into the int8 container, so ``DQ(W_q)`` is exact. Symmetric
+activations are stored as uint8 with ``z + 128`` (the same grid), because ONNX Runtime's x86
+integer kernels take uint8 activations.
+
+With ``requantize="auto"`` (default), where a conv's output reaches the next quantizer
+``Q_n`` through at most one activation ``f`` and data-movement ops, the conv output is also
+requantized, ``y → DQ(Q(y, s_y, z_y))``, so that ONNX Runtime fuses ``DQ → Conv → Q`` into
+``QLinearConv`` (uint8 × int8, int32 accumulation, uint8 output). For ``f`` = identity / ReLU
+``(s_y, z_y)`` is ``Q_n``'s own and the result is exact (``Q_n(f(DQ(Q_n(y)))) = Q_n(f(y))``).
+For SiLU / GELU / Hardswish it is an extra rounding the fake-quant graph does not have: the
+uint8 grid spans ``[a, f⁻¹(hi_n)]`` (above, ``Q_n`` saturates anyway), ``a`` chosen to minimise
+``E[(Q_n(f(ŷ)) − Q_n(f(y)))²]`` on calibration images (without images: where ``|f(a)|`` falls
+under half a step of ``Q_n``). ``requantize="exact"`` keeps only the exact cases, ``"none"``
+none. Linear layers and activation matmuls need no requantization: ``DQ → MatMul`` becomes
+``MatMulIntegerToFloat`` (or ``QLinearMatMul``). Biases of requantized convs are int32 at scale
+``s_x·s_w``.
+
+The graph is translated node by node from the ATen graph (not re-traced), so export takes
+seconds; shapes are recorded by running the module at two batch sizes, and the one
+batch-dependent dimension of a reshape becomes ``-1`` (dynamic batch). Subgraphs that do not
+depend on the input (position biases, index tables) are evaluated and stored as constants.
+
+Invariants checked by ``tests/test_onnx_backend.py``: with every quantizer ``off`` the export
+matches the float graph to 1e-5 (any batch size); with ``requantize="none"`` it matches the
+fake-quant graph up to one-step flips where torch and ONNX Runtime round float sums that differ
+in the last bits (SQNR bound); weights are int8 initializers behind per-channel
+DequantizeLinear nodes, the file is ≤ 0.35x the FP32 one, and ONNX Runtime runs QLinearConv /
+MatMulIntegerToFloat kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import fx
+
+from hyq_fx.quantize import quantizers_mode
+from hyq_fx.quantizer import FakeQuantizer
+
+aten = torch.ops.aten
+
+__all__ = ["ExportError", "OnnxRunner", "export_artifact", "export_onnx_qdq", "onnx_node_counts"]
+
+MIN_OPSET, MAX_OPSET = 17, 21
+REQUANTIZE = ("auto", "exact", "none")
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+class ExportError(ValueError):
+    """The module cannot be written as ONNX; the message names the node and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# quantizer parameters in ONNX terms
+
+
+@dataclass(frozen=True)
+class _QParams:
+    """One quantizer in ONNX terms: container type, scale/zero-point arrays, clip range."""
+
+    dtype: int  # TensorProto.UINT8 / INT8
+    scale: np.ndarray  # float32, shape [] or [C]
+    zero_point: np.ndarray  # container dtype, same shape
+    qmin: int  # in container units
+    qmax: int
+    axis: int | None  # per-channel axis, or None
+
+    @property
+    def needs_clip(self) -> bool:
+        lo, hi = (0, 255) if self.dtype == TensorProto.UINT8 else (-128, 127)
+        return (self.qmin, self.qmax) != (lo, hi)
+
+
+def _qparams(fq: FakeQuantizer, where: str, *, as_weight: bool) -> _QParams:
+    spec = fq.spec
+    if spec.bits > 8:
+        raise ExportError(
+            f"{where}: {spec.describe()} quantizer: the ONNX QDQ backend writes 8-bit "
+            "containers only; re-quantize with at most 8 bits for this tensor"
+        )
+    scale = fq.scale.detach().float().reshape(-1).numpy().astype(np.float32)
+    zp = np.rint(fq.zero_point.detach().float().reshape(-1).numpy()).astype(np.int64)
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.symmetric and not as_weight:  # same grid, uint8 container: q_u8 = q + 128
+        zp, qmin, qmax = zp + 128, qmin + 128, qmax + 128
+    unsigned = qmin >= 0
+    dtype = TensorProto.UINT8 if unsigned else TensorProto.INT8
+    np_dtype = np.uint8 if unsigned else np.int8
+    per_channel = spec.per_channel and scale.size > 1
+    if not per_channel:
+        scale, zp = scale[:1].reshape(()), zp[:1].reshape(())
+    return _QParams(
+        dtype, scale, zp.astype(np_dtype), qmin, qmax, spec.axis if per_channel else None
+    )
+
+
+def _quantize_weight(w: torch.Tensor, fq: FakeQuantizer, qp: _QParams) -> np.ndarray:
+    """``clamp(round(W/s) + z, qmin, qmax)`` as the container dtype, like ``fake_quantize``."""
+    spec = fq.spec
+    scale, zp = fq.scale.detach().float(), fq.zero_point.detach().float()
+    if spec.per_channel and scale.numel() > 1:
+        shape = [1] * w.dim()
+        shape[spec.axis % w.dim()] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    else:
+        scale, zp = scale.reshape(()), zp.reshape(())
+    q = torch.clamp(torch.round(w.detach().float() / scale) + zp, spec.qmin, spec.qmax)
+    return q.numpy().astype(qp.zero_point.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# activations, for requantization of conv outputs
+
+
+_SMOOTH_ACTS: dict[Any, Callable[[torch.Tensor], torch.Tensor]] = {
+    aten.silu.default: F.silu,
+    aten.gelu.default: F.gelu,
+    aten.hardswish.default: F.hardswish,
+}
+_EXACT_ACTS = {aten.relu.default}
+_CONVS = {aten.conv2d.default, aten.conv1d.default}
+_MOVES = {
+    aten.reshape.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.flatten.using_ints,
+    aten.cat.default,
+    aten.contiguous.default,
+    aten.clone.default,
+}
+
+
+def _preimage(f: Callable[[torch.Tensor], torch.Tensor], target: float) -> float:
+    """The ``y ≥ 0`` with ``f(y) = target`` (``f`` increasing there), by bisection."""
+    lo, hi = 0.0, max(target, 1.0) * 2 + 8.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if float(f(torch.tensor(mid, dtype=torch.float64))) < target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _grid(v: torch.Tensor, scale: float, zp: float, qmin: int, qmax: int) -> torch.Tensor:
+    return (torch.clamp(torch.round(v / scale) + zp, qmin, qmax) - zp) * scale
+
+
+def _requant_range(
+    f: Callable[[torch.Tensor], torch.Tensor], qn: _QParams, y: torch.Tensor | None
+) -> tuple[float, float]:
+    """The uint8 grid ``[a, t]`` for a conv output ``y`` that goes through ``f`` into ``Q_n``.
+
+    ``t = f⁻¹(hi)`` (above it ``Q_n`` saturates anyway). ``a`` minimises
+    ``E[(Q_n(f(ŷ)) − Q_n(f(y)))²]`` over the sample ``y`` (the conv output on the example
+    input), ``ŷ`` the requantized value; without a sample, ``a = −L`` where ``|f(−L)|`` is half
+    a step of ``Q_n``.
+    """
+    s_n, z_n = float(qn.scale), float(qn.zero_point)
+    hi = (qn.qmax - z_n) * s_n
+    top = _preimage(f, hi) if hi > 0 else 1e-6
+    if y is None or y.numel() == 0:
+        neg = 0.25
+        while neg < 32 and abs(float(f(torch.tensor(-neg, dtype=torch.float64)))) > s_n / 2:
+            neg += 0.25
+        return -neg, top
+    y = y.detach().flatten().double()
+    if y.numel() > 1 << 16:
+        y = y[:: y.numel() // (1 << 16) + 1]
+    ref = _grid(f(y), s_n, z_n, qn.qmin, qn.qmax)
+    floor = min(float(y.min()), -top / 254)
+    best, best_err = floor, math.inf
+    for a in np.linspace(floor, -top / 254, 48):
+        scale = (top - a) / 255.0
+        zp = float(np.clip(np.rint(-a / scale), 0, 255))
+        err = float(
+            (_grid(f(_grid(y, scale, zp, 0, 255)), s_n, z_n, qn.qmin, qn.qmax) - ref).pow(2).mean()
+        )
+        if err < best_err:
+            best, best_err = float(a), err
+    return best, top
+
+
+# --------------------------------------------------------------------------------------------
+# the ONNX graph under construction
+
+
+class _Builder:
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: dict[str, onnx.TensorProto] = {}
+        self._names: set[str] = set()
+        self._consts: dict[tuple, str] = {}
+
+    def fresh(self, base: str) -> str:
+        base = "".join(c if c.isalnum() or c in "._" else "_" for c in base) or "v"
+        name, i = base, 1
+        while name in self._names:
+            name, i = f"{base}_{i}", i + 1
+        self._names.add(name)
+        return name
+
+    def init(self, array: np.ndarray, base: str) -> str:
+        name = self.fresh(base)
+        self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return name
+
+    def const(self, value: Any, dtype: Any = np.float32) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(arr, "const")
+        return self._consts[key]
+
+    def ints(self, values: Sequence[int]) -> str:
+        return self.const(list(values), np.int64)
+
+    def op(self, op_type: str, inputs: Sequence[str], base: str, n_out: int = 1, **attrs):
+        outs = [self.fresh(f"{base}" if n_out == 1 else f"{base}_{i}") for i in range(n_out)]
+        self.nodes.append(
+            helper.make_node(
+                op_type, list(inputs), outs, name=self.fresh(f"{base}_{op_type}"), **attrs
+            )
+        )
+        return outs[0] if n_out == 1 else outs
+
+
+# --------------------------------------------------------------------------------------------
+# shapes: run the module at two batch sizes; dims that differ are batch-dependent
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the module, keeping every node's output shape and the values of ``keep``."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.keep = keep
+        self.shapes: dict[fx.Node, Any] = {}
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.shapes[n] = _shape_of(out)
+        if n in self.keep:
+            self.values[n] = out
+        return out
+
+
+def _shape_of(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (tuple, list)):
+        return [_shape_of(o) for o in out]
+    return None
+
+
+def _merge(a: Any, b: Any) -> Any:
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
+        return tuple(x if x == y else None for x, y in zip(a, b, strict=True))
+    if isinstance(a, list) and isinstance(b, list):
+        return [_merge(x, y) for x, y in zip(a, b, strict=True)]
+    return a
+
+
+def _not_foldable(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes that depend on the input or on a quantizer (the rest are constants)."""
+    dep: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or _is_fq(gm, n) or any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
+# --------------------------------------------------------------------------------------------
+# the translator
+
+
+def _is_fq(gm: fx.GraphModule, n: Any) -> bool:
+    return (
+        isinstance(n, fx.Node)
+        and n.op == "call_module"
+        and isinstance(gm.get_submodule(n.target), FakeQuantizer)
+    )
+
+
+def _where(n: fx.Node) -> str:
+    path = n.meta.get("hyq_module_path") or ""
+    return f"node {n.name!r}" + (f" (module {path})" if path else "")
+
+
+class _Translator:
+    def __init__(
+        self, gm: fx.GraphModule, shapes: dict, consts: dict, b: _Builder, *, requantize: str
+    ) -> None:
+        self.gm, self.shapes, self.consts, self.b = gm, shapes, consts, b
+        self.requantize = requantize
+        self.samples: dict[fx.Node, torch.Tensor] = {}  # conv outputs, to fit requant grids
+        self.env: dict[fx.Node, Any] = {}
+        self.weight_q: dict[fx.Node, tuple[np.ndarray, _QParams]] = {}
+        self._weights: dict[tuple[fx.Node, bool], str] = {}  # each weight is stored once
+        self.act_q: dict[str, _QParams] = {}  # DQ output name → its quantizer
+        self.report: dict[str, Any] = {"requantized": [], "float_convs": []}
+
+    # ---- helpers
+    def fq(self, n: fx.Node) -> FakeQuantizer:
+        return self.gm.get_submodule(n.target)
+
+    def shape(self, n: fx.Node) -> tuple:
+        s = self.shapes.get(n)
+        if not isinstance(s, tuple):
+            raise ExportError(f"{_where(n)}: expected a tensor, found {type(s).__name__}")
+        return s
+
+    def rank(self, n: Any) -> int:
+        return len(self.shape(n))
+
+    def v(self, a: Any) -> str:
+        """The ONNX value of an argument (a node, or a Python number as a constant)."""
+        if isinstance(a, fx.Node):
+            if a in self.weight_q:
+                return self.weight(a)
+            if a not in self.env:
+                self.env[a] = self.materialize(a)
+            out = self.env[a]
+            if out is None or isinstance(out, list):
+                raise ExportError(f"{_where(a)} is not a single tensor in the ONNX graph")
+            return out
+        if isinstance(a, bool):
+            return self.b.const(a, np.bool_)
+        if isinstance(a, (int, float)):
+            return self.b.const(a)
+        raise ExportError(f"cannot use {a!r} ({type(a).__name__}) as a tensor input")
+
+    def target_shape(self, n: fx.Node, args_shape: Any = None) -> str:
+        """Shape input of a Reshape: static dims, and ``-1`` for the one dynamic dim."""
+        shape = self.shape(n)
+        if sum(d is None for d in shape) <= 1:
+            return self.b.ints([-1 if d is None else d for d in shape])
+        if args_shape is None:
+            raise ExportError(f"{_where(n)}: more than one batch-dependent dim in {shape}")
+        return self.sym_shape(args_shape)
+
+    def sym_shape(self, items: Sequence[Any]) -> str:
+        parts = [self.sym(x) if isinstance(x, fx.Node) else self.b.ints([x]) for x in items]
+        return self.b.op("Concat", parts, "shape", axis=0)
+
+    def sym(self, n: fx.Node) -> str:
+        """A symbolic int (sym_size and Python arithmetic on it) as an int64 [1] tensor."""
+        if n in self.env and isinstance(self.env[n], str):
+            return self.env[n]
+        if n.target is aten.sym_size.int:
+            shape = self.b.op("Shape", [self.v(n.args[0])], "shape")
+            out = self.b.op("Gather", [shape, self.b.ints([n.args[1]])], n.name, axis=0)
+        elif n.target in (operator.mul, operator.add, operator.sub, operator.floordiv):
+            ops = {
+                operator.mul: "Mul",
+                operator.add: "Add",
+                operator.sub: "Sub",
+                operator.floordiv: "Div",
+            }
+            a, c = (self.sym(x) if isinstance(x, fx.Node) else self.b.ints([x]) for x in n.args)
+            out = self.b.op(ops[n.target], [a, c], n.name)
+        else:
+            raise ExportError(f"{_where(n)}: unsupported symbolic-int op {n.target}")
+        self.env[n] = out
+        return out
+
+    # ---- quantizers
+    def quantize_activation(self, n: fx.Node, x: str) -> str:
+        fq = self.fq(n)
+        if fq.mode == "off":
+            return x
+        if fq.mode != "quantize" or not fq.calibrated:
+            raise ExportError(
+                f"{_where(n)}: quantizer {n.target} is in mode {fq.mode!r} "
+                f"(calibrated={fq.calibrated}); calibrate it (the 'calibrate' pass) before export"
+            )
+        qp = _qparams(fq, _where(n), as_weight=False)
+        axis = None if qp.axis is None else qp.axis % self.rank(n.args[0])
+        return self.qdq(x, qp, n.name, axis)
+
+    def qdq(self, x: str, qp: _QParams, base: str, axis: int | None = None) -> str:
+        s = self.b.const(qp.scale)
+        z = self.b.const(qp.zero_point, qp.zero_point.dtype)
+        kw = {} if axis is None else {"axis": axis}
+        q = self.b.op("QuantizeLinear", [x, s, z], f"{base}_q", **kw)
+        if qp.needs_clip:
+            lo = self.b.const(qp.qmin, qp.zero_point.dtype)
+            hi = self.b.const(qp.qmax, qp.zero_point.dtype)
+            q = self.b.op("Clip", [q, lo, hi], f"{base}_clip")
+        out = self.b.op("DequantizeLinear", [q, s, z], f"{base}_dq", **kw)
+        if axis is None:
+            self.act_q[out] = qp
+        return out
+
+    def weight(self, n: fx.Node, *, transpose: bool = False) -> str:
+        """A weight input: ``DQ(int8 initializer)`` if quantized, else a float initializer."""
+        if (n, transpose) in self._weights:
+            return self._weights[(n, transpose)]
+        if n in self.weight_q:
+            q, qp = self.weight_q[n]
+            axis = qp.axis
+            if transpose:
+                if q.ndim != 2:
+                    raise ExportError(f"{_where(n)}: linear weight of rank {q.ndim}")
+                q = q.T
+                axis = None if axis is None else 1 - axis % 2
+            src = n.args[0].name
+            name = self.b.init(q, f"{src}_q")
+            s = self.b.init(qp.scale, f"{src}_scale")
+            z = self.b.init(qp.zero_point, f"{src}_zp")
+            kw = {} if axis is None else {"axis": axis}
+            out = self.b.op("DequantizeLinear", [name, s, z], f"{n.name}_dq", **kw)
+        else:
+            out = self.v(n)
+            if transpose:
+                out = self.b.op("Transpose", [out], f"{n.name}_t", perm=[1, 0])
+        self._weights[(n, transpose)] = out
+        return out
+
+    def requant_params(self, conv: fx.Node) -> tuple[_QParams, str] | None:
+        """``(s_y, z_y)`` for a conv output that reaches a per-tensor quantizer, or None.
+
+        The path conv → [activation] → [data movement]* → quantizer must be the only use of
+        each tensor on it ("exact"); ``"auto"`` also accepts side uses (a residual branch then
+        sees the requantized value) and smooth activations (a derived grid).
+        """
+        if self.requantize == "none":
+            return None
+        strict = self.requantize == "exact"
+        users = list(conv.users)
+        act = None
+        if (
+            len(users) == 1
+            and users[0].op == "call_function"
+            and (users[0].target in _SMOOTH_ACTS or users[0].target in _EXACT_ACTS)
+        ):
+            act, users = users[0].target, list(users[0].users)
+        target = self._find_quantizer(users, strict)
+        if target is None:
+            return None
+        fq = self.fq(target)
+        if fq.mode != "quantize" or fq.spec.per_channel or fq.spec.bits > 8:
+            return None
+        qp = _qparams(fq, _where(target), as_weight=False)
+        if qp.dtype != TensorProto.UINT8:
+            return None
+        if act is None or act in _EXACT_ACTS:
+            why = f"grid of {target.target}" + (f" through {act.__name__}" if act else "")
+            return _QParams(qp.dtype, qp.scale, qp.zero_point, 0, 255, None), why
+        if strict:
+            return None
+        y_lo, y_hi = _requant_range(_SMOOTH_ACTS[act], qp, self.samples.get(conv))
+        scale = max((y_hi - y_lo) / 255.0, 1e-12)
+        zp = int(np.clip(np.rint(-y_lo / scale), 0, 255))
+        why = f"{act.__name__} range [{y_lo:.3g}, {y_hi:.3g}] for {target.target}"
+        return (
+            _QParams(
+                TensorProto.UINT8,
+                np.asarray(scale, np.float32),
+                np.asarray(zp, np.uint8),
+                0,
+                255,
+                None,
+            ),
+            why,
+        )
+
+    def _find_quantizer(self, users: list[fx.Node], strict: bool) -> fx.Node | None:
+        for _ in range(16):
+            if strict and len(users) != 1:
+                return None
+            fqs = [u for u in users if _is_fq(self.gm, u)]
+            if fqs:
+                return fqs[0]
+            moves = [u for u in users if u.op == "call_function" and u.target in _MOVES]
+            if len(moves) != 1:
+                return None
+            users = list(moves[0].users)
+        return None
+
+    # ---- main loop
+    def run(self) -> list[str]:
+        outputs: list[str] = []
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder" or (n in self.env and n.op != "output"):
+                continue  # the input (set by the caller), or emitted with an earlier node
+            if n.op == "output":
+                outs = n.args[0] if isinstance(n.args[0], (tuple, list)) else [n.args[0]]
+                outputs = [self.v(o) for o in outs]
+                continue
+            if n.op == "get_attr" or n in self.consts:
+                continue  # emitted where used (weights under a quantizer are stored as int8)
+            if _is_fq(self.gm, n):
+                src = n.args[0]
+                if src.op == "get_attr" or src in self.consts:
+                    self.weight_fq(n, src)
+                else:
+                    self.env[n] = self.quantize_activation(n, self.v(src))
+                continue
+            if n.op != "call_function":
+                raise ExportError(f"{_where(n)}: cannot export {n.op} {n.target!r}")
+            handler = _HANDLERS.get(n.target)
+            if handler is None:
+                if n.target in _SYM_OPS:
+                    continue  # translated lazily, where a shape needs it
+                raise ExportError(
+                    f"{_where(n)}: no ONNX translation for {n.target}; supported ops are "
+                    f"listed in hyq_fx.backends.onnx_qdq._HANDLERS (add one there)"
+                )
+            out = handler(self, n, *n.args, **n.kwargs)
+            if n not in self.env:
+                self.env[n] = out
+        return outputs
+
+    def materialize(self, n: fx.Node) -> Any:
+        """A parameter, or a subgraph that does not depend on the input, as initializers."""
+        if n.op == "get_attr":
+            return self.b.init(getattr_path(self.gm, n.target).detach().numpy(), n.target)
+        if n not in self.consts:
+            raise ExportError(f"{_where(n)} has no ONNX value (it is used before defined)")
+        value = self.consts[n]
+        if isinstance(value, torch.Tensor):
+            return self.b.init(value.detach().cpu().numpy(), f"{n.name}_const")
+        if isinstance(value, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in value):
+            return [
+                self.b.init(t.detach().cpu().numpy(), f"{n.name}_{i}") for i, t in enumerate(value)
+            ]
+        return None
+
+    def weight_fq(self, n: fx.Node, src: fx.Node) -> None:
+        fq = self.fq(n)
+        w = self.consts.get(src)
+        if w is None:
+            w = getattr_path(self.gm, src.target)
+        if fq.mode == "off":
+            self.env[n] = self.b.init(w.detach().numpy(), src.name)
+            return
+        if fq.mode != "quantize" or not fq.calibrated:
+            raise ExportError(f"{_where(n)}: weight quantizer {n.target} is not calibrated")
+        qp = _qparams(fq, _where(n), as_weight=True)
+        self.weight_q[n] = (_quantize_weight(w, fq, qp), qp)
+        self.env[n] = None  # emitted by the consumer, which picks the layout (see weight())
+
+
+def getattr_path(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, torch.Tensor):
+        raise ExportError(f"get_attr {target!r} is a {type(obj).__name__}, not a tensor")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# op handlers: (translator, node, *args, **kwargs) -> ONNX value name(s)
+
+_HANDLERS: dict[Any, Callable[..., Any]] = {}
+_SYM_OPS = {aten.sym_size.int, operator.mul, operator.add, operator.sub, operator.floordiv}
+
+
+def _handles(*targets: Any) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        for t in targets:
+            _HANDLERS[t] = fn
+        return fn
+
+    return deco
+
+
+def _pair(v: Any) -> list[int]:
+    return list(v) * 2 if len(v) == 2 else [v[0]] * 4 if len(v) == 1 else list(v)
+
+
+def _weight_or_value(t: _Translator, a: fx.Node, transpose: bool = False) -> str:
+    if a in t.weight_q:
+        return t.weight(a, transpose=transpose)
+    if transpose:
+        return t.b.op("Transpose", [t.v(a)], f"{a.name}_t", perm=[1, 0])
+    return t.v(a)
+
+
+@_handles(aten.conv2d.default, aten.conv1d.default)
+def _conv(t: _Translator, n, x, w, bias=None, stride=(1,), padding=(0,), dilation=(1,), groups=1):
+    rank = t.rank(n.args[0]) - 2
+    if isinstance(padding, str):
+        raise ExportError(f"{_where(n)}: string padding {padding!r} (use explicit padding)")
+    stride, dilation = (
+        list(stride) * (rank if len(stride) == 1 else 1),
+        list(dilation) * (rank if len(dilation) == 1 else 1),
+    )
+    padding = list(padding) * (rank if len(padding) == 1 else 1)
+    x_in = t.v(x)
+    requant = t.requant_params(n)
+    fused = (
+        requant is not None
+        and x_in in t.act_q
+        and w in t.weight_q
+        and t.act_q[x_in].dtype == TensorProto.UINT8
+    )
+    w_in = _weight_or_value(t, w)
+    inputs = [x_in, w_in]
+    if bias is not None:
+        if fused:
+            qx, qw = t.act_q[x_in], t.weight_q[w][1]
+            bscale = (np.float64(qx.scale) * qw.scale.astype(np.float64)).astype(np.float32)
+            b = t.consts.get(bias)
+            if b is None and bias.op == "get_attr":
+                b = getattr_path(t.gm, bias.target)
+            if not isinstance(b, torch.Tensor):
+                fused = False  # a computed bias: keep the conv in float
+            else:
+                bq = np.rint(b.detach().double().numpy() / bscale).astype(np.int32)
+                axis = {} if bscale.ndim == 0 else {"axis": 0}
+                bname = t.b.init(bq, f"{bias.name}_q")
+                bs = t.b.init(bscale, f"{bias.name}_scale")
+                inputs.append(t.b.op("DequantizeLinear", [bname, bs], f"{bias.name}_dq", **axis))
+        if len(inputs) == 2:
+            inputs.append(t.v(bias))
+    y = t.b.op(
+        "Conv",
+        inputs,
+        n.name,
+        strides=stride,
+        pads=padding + padding,
+        dilations=dilation,
+        group=groups,
+    )
+    if fused:
+        qp, why = requant
+        t.report["requantized"].append({"conv": n.name, "why": why})
+        return t.qdq(y, qp, f"{n.name}_requant")
+    t.report["float_convs"].append(n.name)
+    return y
+
+
+@_handles(aten.linear.default)
+def _linear(t: _Translator, n, x, w, bias=None):
+    y = t.b.op("MatMul", [t.v(x), _weight_or_value(t, w, transpose=True)], n.name)
+    return y if bias is None else t.b.op("Add", [y, t.v(bias)], f"{n.name}_bias")
+
+
+@_handles(aten.matmul.default, aten.bmm.default, aten.mm.default)
+def _matmul(t: _Translator, n, a, c):
+    return t.b.op("MatMul", [t.v(a), _weight_or_value(t, c)], n.name)
+
+
+@_handles(aten.addmm.default)
+def _addmm(t: _Translator, n, bias, a, c, beta=1, alpha=1):
+    if beta != 1 or alpha != 1:
+        raise ExportError(f"{_where(n)}: addmm with beta/alpha != 1")
+    y = t.b.op("MatMul", [t.v(a), _weight_or_value(t, c)], n.name)
+    return t.b.op("Add", [y, t.v(bias)], f"{n.name}_bias")
+
+
+def _binary(op_type: str) -> Callable:
+    def fn(t: _Translator, n, a, c, alpha=1, rounding_mode=None):
+        if rounding_mode is not None:
+            raise ExportError(f"{_where(n)}: division with rounding_mode={rounding_mode!r}")
+        c_in = t.v(c)
+        if alpha != 1:
+            c_in = t.b.op("Mul", [c_in, t.b.const(alpha)], f"{n.name}_alpha")
+        return t.b.op(op_type, [t.v(a), c_in], n.name)
+
+    return fn
+
+
+for _t, _o in [
+    ((aten.add.Tensor, aten.add.Scalar), "Add"),
+    ((aten.sub.Tensor, aten.sub.Scalar), "Sub"),
+    ((aten.mul.Tensor, aten.mul.Scalar), "Mul"),
+    ((aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode), "Div"),
+    ((aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor), "Pow"),
+]:
+    _handles(*_t)(_binary(_o))
+
+
+@_handles(aten.rsub.Scalar, aten.rsub.Tensor)
+def _rsub(t: _Translator, n, a, c, alpha=1):
+    return t.b.op("Sub", [t.v(c), t.v(a)], n.name)
+
+
+def _unary(op_type: str, **attrs: Any) -> Callable:
+    def fn(t: _Translator, n, x, *rest, **kw):
+        return t.b.op(op_type, [t.v(x)], n.name, **attrs)
+
+    return fn
+
+
+for _t, _o in [
+    (aten.relu.default, "Relu"),
+    (aten.sigmoid.default, "Sigmoid"),
+    (aten.tanh.default, "Tanh"),
+    (aten.exp.default, "Exp"),
+    (aten.sqrt.default, "Sqrt"),
+    (aten.neg.default, "Neg"),
+    (aten.abs.default, "Abs"),
+    (aten.erf.default, "Erf"),
+    (aten.hardswish.default, "HardSwish"),
+    (aten.sin.default, "Sin"),
+    (aten.cos.default, "Cos"),
+]:
+    _handles(_t)(_unary(_o))
+_handles(aten.hardsigmoid.default)(_unary("HardSigmoid", alpha=1 / 6, beta=0.5))
+
+
+@_handles(aten.rsqrt.default)
+def _rsqrt(t: _Translator, n, x):
+    return t.b.op("Reciprocal", [t.b.op("Sqrt", [t.v(x)], f"{n.name}_sqrt")], n.name)
+
+
+@_handles(aten.silu.default)
+def _silu_op(t: _Translator, n, x):
+    xin = t.v(x)
+    return t.b.op("Mul", [xin, t.b.op("Sigmoid", [xin], f"{n.name}_sig")], n.name)
+
+
+@_handles(aten.gelu.default)
+def _gelu_op(t: _Translator, n, x, approximate="none"):
+    xin = t.v(x)
+    if approximate == "tanh":  # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+        x3 = t.b.op("Mul", [t.b.op("Mul", [xin, xin], f"{n.name}_x2"), xin], f"{n.name}_x3")
+        inner = t.b.op(
+            "Add", [xin, t.b.op("Mul", [x3, t.b.const(0.044715)], f"{n.name}_c")], f"{n.name}_in"
+        )
+        th = t.b.op(
+            "Tanh",
+            [t.b.op("Mul", [inner, t.b.const(math.sqrt(2 / math.pi))], f"{n.name}_s")],
+            f"{n.name}_tanh",
+        )
+    else:  # 0.5·x·(1 + erf(x/√2)); ONNX Runtime fuses this into Gelu
+        th = t.b.op(
+            "Erf", [t.b.op("Div", [xin, t.b.const(math.sqrt(2.0))], f"{n.name}_d")], f"{n.name}_erf"
+        )
+    one = t.b.op("Add", [th, t.b.const(1.0)], f"{n.name}_1p")
+    return t.b.op("Mul", [t.b.op("Mul", [xin, t.b.const(0.5)], f"{n.name}_h"), one], n.name)
+
+
+@_handles(aten.hardtanh.default, aten.clamp.default)
+def _clip(t: _Translator, n, x, lo=None, hi=None):
+    ins = [t.v(x), t.b.const(lo) if lo is not None else "", t.b.const(hi) if hi is not None else ""]
+    while ins and ins[-1] == "":
+        ins.pop()
+    return t.b.op("Clip", ins, n.name)
+
+
+@_handles(aten.clamp_min.default)
+def _clamp_min(t: _Translator, n, x, lo):
+    return t.b.op("Max", [t.v(x), t.b.const(lo)], n.name)
+
+
+@_handles(aten.layer_norm.default)
+def _layer_norm(t: _Translator, n, x, shape, weight=None, bias=None, eps=1e-5, *_):
+    w = t.v(weight) if weight is not None else t.b.const(np.ones(shape, np.float32))
+    ins = [t.v(x), w] + ([t.v(bias)] if bias is not None else [])
+    return t.b.op("LayerNormalization", ins, n.name, axis=-len(shape), epsilon=float(eps))
+
+
+@_handles(aten.group_norm.default)
+def _group_norm(t: _Translator, n, x, groups, weight=None, bias=None, eps=1e-5, *_):
+    # reshape to [N, G, -1], normalise the last axis, reshape back, per-channel affine
+    shape = t.shape(x)
+    c = shape[1]
+    g = t.b.op("Reshape", [t.v(x), t.b.ints([0, groups, -1])], f"{n.name}_g")
+    if any(d is None for d in shape[1:]):
+        raise ExportError(f"{_where(n)}: group_norm over a batch-dependent dimension")
+    ones = t.b.const(np.ones([int(np.prod(shape[1:])) // groups], np.float32))
+    normed = t.b.op("LayerNormalization", [g, ones], f"{n.name}_ln", axis=-1, epsilon=float(eps))
+    in_shape = t.b.op("Shape", [t.v(x)], f"{n.name}_shape")
+    y = t.b.op("Reshape", [normed, in_shape], f"{n.name}_y")
+    bshape = [c] + [1] * (len(shape) - 2)
+    if weight is not None:
+        w = t.b.init(
+            getattr_path(t.gm, weight.target).detach().numpy().reshape(bshape), f"{weight.target}_c"
+        )
+        y = t.b.op("Mul", [y, w], f"{n.name}_w")
+    if bias is not None:
+        bb = t.b.init(
+            getattr_path(t.gm, bias.target).detach().numpy().reshape(bshape), f"{bias.target}_c"
+        )
+        y = t.b.op("Add", [y, bb], n.name)
+    return y
+
+
+@_handles(aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+def _batch_norm(t: _Translator, n, x, weight, bias, mean, var, *rest):
+    eps = rest[-1] if n.target is aten._native_batch_norm_legit_no_training.default else rest[2]
+    if n.target is aten.batch_norm.default and rest[0]:
+        raise ExportError(f"{_where(n)}: batch_norm in training mode")
+    y = t.b.op(
+        "BatchNormalization",
+        [t.v(x), t.v(weight), t.v(bias), t.v(mean), t.v(var)],
+        n.name,
+        epsilon=float(eps),
+    )
+    return [y, None, None] if n.target is not aten.batch_norm.default else y
+
+
+@_handles(aten.softmax.int, aten._softmax.default)
+def _softmax(t: _Translator, n, x, dim, *_):
+    return t.b.op("Softmax", [t.v(x)], n.name, axis=dim)
+
+
+@_handles(aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+def _reshape(t: _Translator, n, x, shape):
+    return t.b.op("Reshape", [t.v(x), t.target_shape(n, shape)], n.name)
+
+
+@_handles(
+    aten.flatten.using_ints,
+    aten.unflatten.int,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.unsqueeze.default,
+)
+def _reshape_like(t: _Translator, n, x, *_):
+    return t.b.op("Reshape", [t.v(x), t.target_shape(n)], n.name)
+
+
+@_handles(aten.expand_as.default)
+def _expand_as(t: _Translator, n, x, other):
+    return t.b.op("Expand", [t.v(x), t.b.op("Shape", [t.v(other)], f"{n.name}_s")], n.name)
+
+
+@_handles(aten.expand.default)
+def _expand(t: _Translator, n, x, *_):
+    out = t.shape(n)
+    if sum(d is None for d in out) == 0:
+        return t.b.op("Expand", [t.v(x), t.b.ints(out)], n.name)
+    # dynamic dims come from the input itself (expand keeps them): use 1 there
+    return t.b.op("Expand", [t.v(x), t.b.ints([1 if d is None else d for d in out])], n.name)
+
+
+@_handles(aten.transpose.int)
+def _transpose(t: _Translator, n, x, d0, d1):
+    perm = list(range(t.rank(x)))
+    d0, d1 = d0 % len(perm), d1 % len(perm)
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return t.b.op("Transpose", [t.v(x)], n.name, perm=perm)
+
+
+@_handles(aten.permute.default)
+def _permute(t: _Translator, n, x, dims):
+    r = t.rank(x)
+    return t.b.op("Transpose", [t.v(x)], n.name, perm=[d % r for d in dims])
+
+
+@_handles(aten.t.default)
+def _t(t: _Translator, n, x):
+    return t.b.op("Transpose", [t.v(x)], n.name, perm=[1, 0])
+
+
+@_handles(
+    aten.contiguous.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.lift_fresh_copy.default,
+)
+def _identity(t: _Translator, n, x, *_, **__):
+    return t.v(x)
+
+
+@_handles(aten._to_copy.default, aten.to.dtype)
+def _to(t: _Translator, n, x, *args, **kw):
+    dtype = kw.get("dtype", args[0] if args else None)
+    if dtype not in (None, torch.float32):
+        raise ExportError(f"{_where(n)}: cast to {dtype} (only float32 graphs are exported)")
+    return t.v(x)
+
+
+def _split_out(t: _Translator, n, x, sizes: list[int], dim: int, squeeze: bool):
+    dim = dim % t.rank(x)
+    outs = t.b.op("Split", [t.v(x), t.b.ints(sizes)], n.name, n_out=len(sizes), axis=dim)
+    outs = outs if isinstance(outs, list) else [outs]
+    if squeeze:
+        outs = [t.b.op("Squeeze", [o, t.b.ints([dim])], f"{n.name}_sq") for o in outs]
+    return outs
+
+
+@_handles(aten.unbind.int)
+def _unbind(t: _Translator, n, x, dim=0):
+    return _split_out(t, n, x, [1] * t.shape(x)[dim], dim, squeeze=True)
+
+
+@_handles(aten.split_with_sizes.default)
+def _split_sizes(t: _Translator, n, x, sizes, dim=0):
+    return _split_out(t, n, x, list(sizes), dim, squeeze=False)
+
+
+@_handles(aten.split.Tensor, aten.chunk.default)
+def _split(t: _Translator, n, x, size, dim=0):
+    total = t.shape(x)[dim]
+    if total is None:
+        raise ExportError(f"{_where(n)}: split along the batch dimension")
+    if n.target is aten.chunk.default:
+        size = -(-total // size)
+    sizes = [size] * (total // size) + ([total % size] if total % size else [])
+    return _split_out(t, n, x, sizes, dim, squeeze=False)
+
+
+@_handles(operator.getitem)
+def _getitem(t: _Translator, n, seq, idx):
+    vals = t.env[seq]
+    if not isinstance(vals, list):
+        raise ExportError(f"{_where(n)}: getitem on a non-sequence")
+    return vals[idx]
+
+
+@_handles(aten.cat.default)
+def _cat(t: _Translator, n, tensors, dim=0):
+    return t.b.op("Concat", [t.v(a) for a in tensors], n.name, axis=dim % t.rank(n))
+
+
+@_handles(aten.stack.default)
+def _stack(t: _Translator, n, tensors, dim=0):
+    dim = dim % t.rank(n)
+    parts = [t.b.op("Unsqueeze", [t.v(a), t.b.ints([dim])], f"{n.name}_u") for a in tensors]
+    return t.b.op("Concat", parts, n.name, axis=dim)
+
+
+@_handles(aten.select.int)
+def _select(t: _Translator, n, x, dim, index):
+    return t.b.op("Gather", [t.v(x), t.b.const(index, np.int64)], n.name, axis=dim % t.rank(x))
+
+
+@_handles(aten.slice.Tensor)
+def _slice(t: _Translator, n, x, dim=0, start=None, end=None, step=1):
+    start = 0 if start is None else start
+    end = 2**62 if end is None else min(end, 2**62)
+    ins = [
+        t.v(x),
+        t.b.ints([start]),
+        t.b.ints([end]),
+        t.b.ints([dim % t.rank(x)]),
+        t.b.ints([step]),
+    ]
+    return t.b.op("Slice", ins, n.name)
+
+
+def _reduce(op_type: str) -> Callable:
+    def fn(t: _Translator, n, x, dims=None, keepdim=False, *_, **kw):
+        dims = list(range(t.rank(x))) if dims is None else list(dims)
+        if t.b.opset >= 18 or op_type == "ReduceSum":
+            return t.b.op(op_type, [t.v(x), t.b.ints(dims)], n.name, keepdims=int(keepdim))
+        return t.b.op(op_type, [t.v(x)], n.name, axes=dims, keepdims=int(keepdim))
+
+    return fn
+
+
+_handles(aten.mean.dim)(_reduce("ReduceMean"))
+_handles(aten.sum.dim_IntList)(_reduce("ReduceSum"))
+_handles(aten.amax.default)(_reduce("ReduceMax"))
+
+
+@_handles(aten.adaptive_avg_pool2d.default)
+def _adaptive_avg_pool(t: _Translator, n, x, size):
+    if list(size) == [1, 1]:
+        return t.b.op("GlobalAveragePool", [t.v(x)], n.name)
+    h, w = t.shape(x)[2:]
+    if h % size[0] or w % size[1]:
+        raise ExportError(f"{_where(n)}: adaptive_avg_pool2d {h}x{w} → {list(size)}")
+    k = [h // size[0], w // size[1]]
+    return t.b.op("AveragePool", [t.v(x)], n.name, kernel_shape=k, strides=k)
+
+
+@_handles(aten.avg_pool2d.default)
+def _avg_pool(
+    t: _Translator,
+    n,
+    x,
+    kernel,
+    stride=None,
+    padding=(0,),
+    ceil_mode=False,
+    count_include_pad=True,
+    divisor_override=None,
+):
+    if divisor_override is not None:
+        raise ExportError(f"{_where(n)}: avg_pool2d with divisor_override")
+    kernel = list(kernel) * (2 if len(kernel) == 1 else 1)
+    stride = kernel if not stride else list(stride) * (2 if len(stride) == 1 else 1)
+    return t.b.op(
+        "AveragePool",
+        [t.v(x)],
+        n.name,
+        kernel_shape=kernel,
+        strides=stride,
+        pads=_pair(padding),
+        ceil_mode=int(ceil_mode),
+        count_include_pad=int(count_include_pad),
+    )
+
+
+@_handles(aten.max_pool2d.default)
+def _max_pool(
+    t: _Translator, n, x, kernel, stride=None, padding=(0,), dilation=(1,), ceil_mode=False
+):
+    kernel = list(kernel) * (2 if len(kernel) == 1 else 1)
+    stride = kernel if not stride else list(stride) * (2 if len(stride) == 1 else 1)
+    return t.b.op(
+        "MaxPool",
+        [t.v(x)],
+        n.name,
+        kernel_shape=kernel,
+        strides=stride,
+        pads=_pair(padding),
+        dilations=list(dilation) * (2 if len(dilation) == 1 else 1),
+        ceil_mode=int(ceil_mode),
+    )
+
+
+@_handles(aten.constant_pad_nd.default, aten.pad.default)
+def _pad(t: _Translator, n, x, pad, *rest):
+    value = rest[-1] if rest and isinstance(rest[-1], (int, float)) else 0.0
+    if n.target is aten.pad.default and rest and rest[0] not in (None, "constant"):
+        raise ExportError(f"{_where(n)}: pad mode {rest[0]!r}")
+    r = t.rank(x)
+    begins, ends = [0] * r, [0] * r
+    for i in range(len(pad) // 2):  # torch pads the last dim first
+        begins[r - 1 - i], ends[r - 1 - i] = pad[2 * i], pad[2 * i + 1]
+    return t.b.op("Pad", [t.v(x), t.b.ints(begins + ends), t.b.const(value or 0.0)], n.name)
+
+
+@_handles(aten.scaled_dot_product_attention.default)
+def _sdpa(t: _Translator, n, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+    if attn_mask is not None or is_causal or dropout_p:
+        raise ExportError(f"{_where(n)}: attention with a mask, causal or dropout")
+    scale = kw.get("scale") or 1.0 / math.sqrt(t.shape(q)[-1])
+    r = t.rank(k)
+    kt = t.b.op("Transpose", [t.v(k)], f"{n.name}_kt", perm=list(range(r - 2)) + [r - 1, r - 2])
+    qs = t.b.op("Mul", [t.v(q), t.b.const(scale)], f"{n.name}_qs")
+    att = t.b.op("Softmax", [t.b.op("MatMul", [qs, kt], f"{n.name}_qk")], f"{n.name}_sm", axis=-1)
+    return t.b.op("MatMul", [att, t.v(v)], n.name)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def _example_batches(example_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = example_input.detach().float()
+    one = x[:1]
+    return one, one.repeat(2, *([1] * (x.dim() - 1)))
+
+
+def export_onnx_qdq(
+    gm: fx.GraphModule,
+    path: str | os.PathLike[str],
+    example_input: torch.Tensor,
+    *,
+    opset: int = MIN_OPSET,
+    requantize: str = "auto",
+    calib: torch.Tensor | None = None,
+    check: bool = True,
+) -> Path:
+    """Write ``gm`` (a calibrated hyq-fx GraphModule) to ``path`` as a QDQ ONNX model.
+
+    ``example_input`` is one image batch ``[N, C, H, W]`` (N ≥ 1) of the deployed size; the
+    batch dimension of the ONNX model is dynamic. ``requantize``: ``"auto"`` requantizes conv
+    outputs where an int8 conv kernel can then be used (exact for identity/ReLU, a fitted
+    grid for SiLU/GELU/Hardswish), ``"exact"`` only where it is exact, ``"none"`` never (the
+    ONNX model then computes the fake-quant graph, with float convolutions). ``calib``: images
+    (e.g. 32 calibration images) on which the SiLU/GELU grids are fitted; without them the grid
+    is derived from the next quantizer's range alone. ``check`` runs ``onnx.checker``.
+    Quantizers in mode ``off`` are exported as float.
+    The export report (requantized convs, float convs) and ``gm.meta["hyq"]`` (recipe, bits,
+    preprocessing) are stored in the model's metadata as JSON under ``hyq`` and
+    ``hyq_export``.
+    """
+    if not isinstance(gm, fx.GraphModule):
+        raise ExportError(f"export_onnx_qdq needs a torch.fx.GraphModule, got {type(gm).__name__}")
+    if requantize not in REQUANTIZE:
+        raise ExportError(f"requantize={requantize!r}; use one of {REQUANTIZE}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset={opset}; use {MIN_OPSET}..{MAX_OPSET} (LayerNormalization ≥ 17)")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        raise ExportError("example_input must be an image batch tensor [N, C, H, W]")
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ExportError(f"the module takes {len(placeholders)} inputs; only one is supported")
+
+    for name, fq in gm.named_modules():
+        if isinstance(fq, FakeQuantizer) and fq.mode == "observe":
+            raise ExportError(
+                f"quantizer {name} is still observing (not calibrated): run the 'calibrate' "
+                "pass (hyq_fx.quantize does) before export"
+            )
+    dependent = _not_foldable(gm)
+    foldable = {n for n in gm.graph.nodes if n.op == "call_function" and n not in dependent}
+    was_training = gm.training
+    gm.eval()
+    try:  # shapes do not depend on the quantizers, and the float run is much faster
+        with torch.no_grad(), quantizers_mode(gm, "off"):
+            runs = []
+            for x in _example_batches(example_input):
+                rec = _Recorder(gm, foldable)
+                rec.run(x)
+                runs.append(rec)
+    finally:
+        gm.train(was_training)
+    shapes = {n: _merge(runs[0].shapes.get(n), runs[1].shapes.get(n)) for n in runs[0].shapes}
+    consts = runs[0].values
+
+    b = _Builder(opset)
+    tr = _Translator(gm, shapes, consts, b, requantize=requantize)
+    if requantize == "auto" and calib is not None:  # conv outputs before a smooth activation
+        smooth = {
+            n
+            for n in gm.graph.nodes
+            if n.target in _CONVS
+            and len(n.users) == 1
+            and next(iter(n.users)).target in _SMOOTH_ACTS
+        }
+        if smooth:
+            rec = _Recorder(gm, smooth)
+            with torch.no_grad():
+                rec.run(calib.detach().float())
+            tr.samples = rec.values
+    ph = placeholders[0]
+    tr.env[ph] = INPUT_NAME
+    b._names.add(INPUT_NAME)
+    out_names = tr.run()
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    out_args = (
+        out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else [out_node.args[0]]
+    )
+    outputs = []
+    for i, (name, arg) in enumerate(zip(out_names, out_args, strict=True)):
+        oname = OUTPUT_NAME if i == 0 else f"{OUTPUT_NAME}_{i}"
+        b.nodes.append(helper.make_node("Identity", [name], [oname], name=f"{oname}_out"))
+        outputs.append(_value_info(oname, shapes.get(arg)))
+    graph = helper.make_graph(
+        b.nodes,
+        "hyq_qdq",
+        [_value_info(INPUT_NAME, shapes.get(ph))],
+        outputs,
+        initializer=list(b.inits.values()),
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="hyq-fx"
+    )
+    model.ir_version = min(model.ir_version, 10)
+    meta = gm.meta.get("hyq", {})
+    report = {
+        **tr.report,
+        "requantize": requantize,
+        "opset": opset,
+        "n_weight_quantizers": len(tr.weight_q),
+        "n_activation_qdq": sum(1 for n in b.nodes if n.op_type == "QuantizeLinear"),
+    }
+    helper.set_model_props(
+        model, {"hyq": json.dumps(meta, default=str), "hyq_export": json.dumps(report)}
+    )
+    if check:
+        onnx.checker.check_model(model, full_check=True)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out))
+    return out
+
+
+def _value_info(name: str, shape: Any) -> onnx.ValueInfoProto:
+    dims = (
+        [d if d is not None else "batch" if i == 0 else f"d{i}" for i, d in enumerate(shape)]
+        if isinstance(shape, tuple)
+        else None
+    )
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def export_artifact(
+    out_dir: str | os.PathLike[str],
+    onnx_path: str | os.PathLike[str] | None = None,
+    *,
+    calib_dir: str | os.PathLike[str] | None = None,
+    n_images: int = 32,
+    requantize: str = "auto",
+    opset: int = MIN_OPSET,
+) -> Path:
+    """Export the quantized model saved in ``out_dir`` (``hyq-fx quantize --out``) to
+    ``onnx_path`` (default ``out_dir/model.qdq.onnx``); ``calib_dir``: an ImageFolder whose
+    first ``n_images`` images fit the requantization grids (recommended with ``"auto"``)."""
+    from hyq_fx.artifact import load
+    from hyq_fx.data import image_folder, preprocess_config
+
+    gm = load(out_dir)
+    info = gm.meta.get("hyq", {}).get("model_info", {})
+    size = preprocess_config(info)["input_size"]
+    calib = None
+    example = torch.zeros(1, *size)
+    if calib_dir is not None:
+        ds = image_folder(calib_dir, info, limit=n_images)
+        calib = torch.stack([ds[i][0] for i in range(len(ds))])
+        example = calib[:1]
+    path = Path(onnx_path) if onnx_path is not None else Path(out_dir) / "model.qdq.onnx"
+    return export_onnx_qdq(gm, path, example, opset=opset, requantize=requantize, calib=calib)
+
+
+def onnx_node_counts(path: str | os.PathLike[str]) -> dict[str, int]:
+    """How many nodes of each op type the ONNX file at ``path`` holds."""
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+class OnnxRunner:
+    """An ONNX Runtime CPU session as a callable: ``runner(images) -> logits`` (torch tensors).
+
+    ``threads`` defaults to the usable cores. ``optimized_model_path`` saves the graph as ONNX
+    Runtime rewrote it (to see which QLinearConv / MatMulIntegerToFloat kernels it chose).
+    ``model_info`` is the preprocessing stored by :func:`export_onnx_qdq` (empty for other
+    files), so ``hyq_fx.data.image_folder(dir, runner.model_info)`` works.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        optimized_model_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no ONNX model at {path}; export one with export_onnx_qdq")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only (not the note on saving optimized models)
+        if optimized_model_path is not None:
+            opts.optimized_model_filepath = str(optimized_model_path)
+        self.path = path
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.meta: dict[str, Any] = json.loads(props.get("hyq", "{}"))
+        self.export_report: dict[str, Any] = json.loads(props.get("hyq_export", "{}"))
+        self.model_info: dict[str, Any] = self.meta.get("model_info", {})
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().cpu().float().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])

@@ -1,0 +1,720 @@
+"""TVM Relax backend: a hyq-fx fake-quant GraphModule → a Relax VM shared library with int8 kernels.
+
+Three steps, each checkable on its own:
+
+1. ``lower_quantizers`` (torch): every ``FakeQuantizer`` becomes explicit ATen ops with an int8
+   tensor in the middle. Activations (per-tensor, ``b ≤ 8`` bits) are *shifted* to signed int8,
+   which is exact for integers::
+
+       q8 = cast_int8(clamp(round(x / s) + z', qmin − o, qmax − o)),   z' = z − o
+       x̂  = (cast_f32(q8) − z') · s
+
+   with ``o = 2^(b−1)`` for the unsigned (asymmetric) range and ``o = 0`` for the symmetric one,
+   so ``x̂`` equals ``FakeQuantizer(x)`` bit for bit. Weights are quantized once, offline, to
+   the int8 constant ``w8 = clamp(round(W/s_w) + z_w, qmin, qmax) − z_w``;
+   ``Ŵ = (cast_f32(w8) − 0)·s_w``.
+2. ``from_exported_program`` imports the exported graph; the dequantize ``(cast_f32(q) − z)·s``
+   is then the Relax pattern ``multiply(subtract(astype(q), const), const)``.
+3. ``IntegerizeQDQ`` (a Relax module pass, DFPattern ``rewrite_call``) rewrites
+   ``conv2d(DQ(x8), DQ(w8))`` and ``matmul(DQ(a8), DQ(b8))`` (``linear`` is
+   ``matmul(x, permute_dims(W))`` in Relax) into int8 × int8 → int32 kernels plus a float
+   requantization, exact in integer arithmetic::
+
+       conv2d:  y = s_x·s_w[o] · ( conv_i32(pad(x8, z'_x), w8) − z'_x · Σ_{i,kh,kw} w8[o] )
+       matmul:  y = s_a·s_b · ( a8·b8 − z'_b·Σ_k a8[m,k] − z'_a·Σ_k b8[k,n] + K·z'_a·z'_b )
+
+   The conv input is padded with its zero point (the int8 code of 0.0), so the border is exact.
+   Bias adds and everything outside conv/linear/matmul stay in float, as in the fake-quant graph.
+
+An op stays in float (reported in ``stats["float_ops"]``) where integers cannot express it
+exactly: per-channel activation scales (the channel is the reduction axis), > 8-bit codes, weights
+whose ``q − z_w`` leaves int8, or a scale varying along the reduction axis.
+
+Targets: ``"llvm"`` (host CPU), ``"aarch64"`` (``llvm -mtriple=aarch64-linux-gnu +neon,+dotprod``,
+linked with ``aarch64-linux-gnu-gcc``), ``"cuda"`` (``sm_90`` with dlight GPU schedules; needs
+``nvcc`` at build time), or any ``tvm.target.Target`` / target dict. Invariant checked by
+``tests/test_tvm_backend.py``: the Relax IR after ``IntegerizeQDQ`` holds int8 conv2d / matmul with
+int32 output and no float conv/matmul, and the built library reproduces the fake-quant model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from hyq_fx.quantizer import FakeQuantizer
+
+__all__ = [
+    "TARGETS",
+    "TvmBackendError",
+    "IntegerizeQDQ",
+    "TvmRunner",
+    "build_tvm",
+    "count_ops",
+    "export_tvm",
+    "is_tvm_library",
+    "import_relax",
+    "integerize",
+    "load_tvm",
+    "lower_quantizers",
+    "make_target",
+]
+
+INT8_MIN, INT8_MAX = -128, 127
+TARGETS: dict[str, dict[str, Any]] = {
+    "llvm": {"kind": "llvm"},
+    "aarch64": {
+        "kind": "llvm",
+        "mtriple": "aarch64-linux-gnu",
+        "mattr": ["+neon", "+dotprod"],
+    },
+    "cuda": {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}},
+}
+CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc"}
+
+
+class TvmBackendError(RuntimeError):
+    """The model cannot be built or run with TVM; the message says where and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. torch: FakeQuantizer → explicit int8 quantize / dequantize
+
+
+def _channel_shape(numel: int, ndim: int, axis: int) -> list[int]:
+    shape = [1] * ndim
+    shape[axis % ndim] = numel
+    return shape
+
+
+class _QuantDequantInt8(nn.Module):
+    """``x → (cast_f32(cast_i8(clamp(round(x/s) + z', lo, hi))) − z')·s`` with per-tensor s, z'."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.reshape(()).float().clone())
+        self.register_buffer("zero_point", zero_point.reshape(()).float().clone())
+        self.lo, self.hi = float(lo), float(hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round(x / self.scale) + self.zero_point, self.lo, self.hi)
+        q8 = q.to(torch.int8)
+        return (q8.to(torch.float32) - self.zero_point) * self.scale
+
+
+class _DequantWeightInt8(nn.Module):
+    """A weight stored as int8 codes: ``Ŵ = (cast_f32(w8) − 0)·s_w``."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("scale", scale.float().clone())
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.float32))
+
+    def forward(self) -> torch.Tensor:
+        return (self.codes.to(torch.float32) - self.zero_point) * self.scale
+
+
+def _get_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _weight_codes(fq: FakeQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(q − z_w, scale view)`` as exact integers in int8, or None if they leave int8."""
+    spec = fq.spec
+    w = w.detach().float()
+    if fq.scale.numel() > 1:
+        shape = _channel_shape(fq.scale.numel(), w.dim(), spec.axis)
+    else:
+        shape = []
+    s = fq.scale.reshape(shape)
+    z = fq.zero_point.reshape(shape)
+    codes = torch.clamp(torch.round(w / s) + z, spec.qmin, spec.qmax) - z
+    if codes.numel() and (codes.min() < INT8_MIN or codes.max() > INT8_MAX):
+        return None
+    return codes, s
+
+
+def lower_quantizers(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list[str]]]:
+    """A copy of ``gm`` whose FakeQuantizers are explicit int8 quantize/dequantize ATen ops.
+
+    Returns the new GraphModule (same outputs as ``gm``, to the bit) and what was done with each
+    quantizer: names under ``int8_activation``, ``int8_weight``, ``float`` and ``identity``.
+    Quantizers that cannot be held in int8 keep their float fake-quant (the consumer op then
+    stays in float); quantizers in mode ``off``/``observe`` are the identity and are removed.
+    """
+    gm = fx.GraphModule(gm, gm.graph.__deepcopy__(), class_name=type(gm).__name__)
+    report: dict[str, list[str]] = {"int8_activation": [], "int8_weight": [], "float": [],
+                                    "identity": []}  # fmt: skip
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        fq = gm.get_submodule(node.target)
+        if not isinstance(fq, FakeQuantizer) or type(fq).forward is not FakeQuantizer.forward:
+            continue  # another module (a custom quantizer): torch.export traces it in float
+        name = str(node.target)
+        if fq.mode != "quantize":
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            report["identity"].append(name)
+            continue
+        spec = fq.spec
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.op == "get_attr":
+            lowered = _weight_codes(fq, _get_attr(gm, src.target))
+            if lowered is not None:
+                new_name = f"{name.replace('.', '_')}_int8"
+                gm.add_submodule(new_name, _DequantWeightInt8(*lowered))
+                with graph.inserting_before(node):
+                    new = graph.call_module(new_name, ())
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+                report["int8_weight"].append(name)
+                continue
+        if spec.bits <= 8 and fq.scale.numel() == 1 and fq.zero_point.numel() == 1:
+            offset = 0 if spec.symmetric else 2 ** (spec.bits - 1)
+            module = _QuantDequantInt8(
+                fq.scale, fq.zero_point - offset, spec.qmin - offset, spec.qmax - offset
+            )
+            gm.add_submodule(name, module)
+            report["int8_activation"].append(name)
+        else:
+            report["float"].append(name)  # per-channel activation / > 8 bits: float fake-quant
+    graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, report
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. import into Relax
+
+
+def import_relax(
+    gm: fx.GraphModule, example_input: torch.Tensor, *, dynamic_batch: bool = True
+) -> Any:
+    """Export ``gm`` with torch.export and import it as a Relax IRModule (``main``)."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    dynamic = None
+    if dynamic_batch:
+        dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    example = example_input
+    if dynamic_batch and example.shape[0] < 2:  # a batch of one would specialise the dimension
+        example = example.repeat(2, *([1] * (example.dim() - 1)))
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(gm, (example,), dynamic_shapes=dynamic, strict=False)
+        return from_exported_program(ep, run_ep_decomposition=False)
+    except Exception as exc:
+        raise TvmBackendError(
+            f"could not import the model into TVM Relax: {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:400]} (check that the graph runs on "
+            f"example_input of shape {tuple(example_input.shape)}; an unsupported op is named "
+            "above)"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Relax: DQ(int8) conv2d / matmul → int8 × int8 → int32 kernels + float requantization
+
+
+@dataclass
+class _Operand:
+    """A dequantized operand ``(cast_f32(q) − z)·s``, seen through an optional permute_dims."""
+
+    q: Any  # relax.Expr holding int8 codes
+    scale: np.ndarray  # aligned to the operand's rank (or a scalar)
+    zero: np.ndarray
+    codes: np.ndarray | None  # the int8 codes when q is a constant
+
+    @property
+    def ndim(self) -> int:
+        return len(self.q.ty.shape)
+
+
+def _aligned(arr: np.ndarray, ndim: int) -> np.ndarray:
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.size == 1:
+        return arr.reshape(())
+    return arr.reshape((1,) * (ndim - arr.ndim) + arr.shape)
+
+
+def _const_numpy(expr: Any) -> np.ndarray | None:
+    """The value of a Relax tensor constant (``tvm.ir.GenericConst``), or None."""
+    value = getattr(expr, "value", None)
+    return value.numpy() if hasattr(value, "numpy") else None
+
+
+def _static_dims(expr: Any) -> list[int | None]:
+    return [int(d) if hasattr(d, "value") else None for d in expr.ty.shape]
+
+
+class _DQPattern:
+    """``multiply(subtract(astype(q), z), s)``, optionally under ``permute_dims``."""
+
+    def __init__(self, allow_permute: bool) -> None:
+        from tvm.relax.dpl import is_const, is_op, wildcard
+
+        self.q = wildcard()
+        self.zero = is_const()
+        self.scale = is_const()
+        self.cast = is_op("relax.astype")(self.q)
+        self.dq = is_op("relax.multiply")(is_op("relax.subtract")(self.cast, self.zero), self.scale)
+        self.permute = is_op("relax.permute_dims")(self.dq) if allow_permute else None
+        self.pattern = self.dq | self.permute if allow_permute else self.dq
+
+    def operand(self, m: Mapping[Any, Any]) -> _Operand | None:
+        from tvm import relax
+
+        q = m[self.q]
+        if q.ty.dtype != "int8" or m[self.cast].ty.dtype != "float32":
+            return None
+        ndim = len(q.ty.shape)
+        scale = _aligned(_const_numpy(m[self.scale]), ndim)
+        zero = _aligned(_const_numpy(m[self.zero]), ndim)
+        codes = _const_numpy(q)
+        if self.permute is not None and self.permute in m:
+            axes = m[self.permute].attrs.axes
+            axes = list(reversed(range(ndim))) if axes is None else [int(a) for a in axes]
+            scale = scale if scale.ndim == 0 else np.transpose(scale, axes)
+            zero = zero if zero.ndim == 0 else np.transpose(zero, axes)
+            if codes is not None:
+                codes = np.ascontiguousarray(np.transpose(codes, axes))
+                q = relax.const(codes, "int8")
+            else:
+                q = relax.op.permute_dims(q, axes)
+        return _Operand(q, scale, zero, codes)
+
+
+def _zero_correction(op: _Operand, axis: int, zero: int) -> Any:
+    """``zero · Σ_axis q`` in int32, keeping dims (folded into one constant when q is one)."""
+    from tvm import relax
+
+    if op.codes is not None:
+        total = op.codes.astype(np.int64).sum(axis=axis, keepdims=True) * zero
+        return relax.const(total.astype(np.int32), "int32")
+    total = relax.op.sum(relax.op.astype(op.q, "int32"), axis=[axis], keepdims=True)
+    return relax.op.multiply(total, relax.const(zero, "int32"))
+
+
+def _scalar_int(arr: np.ndarray) -> int | None:
+    """The integer held by a one-element array, or None."""
+    if arr.size != 1:
+        return None
+    value = float(arr.reshape(()))
+    return int(value) if value == int(value) else None
+
+
+@dataclass
+class IntegerizeStats:
+    conv2d: int = 0
+    matmul: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def _rewrite_conv2d(orig: Any, x: _Operand, w: _Operand, stats: IntegerizeStats) -> Any:
+    from tvm import relax
+
+    attrs = orig.attrs
+    layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
+    zx = _scalar_int(x.zero)
+    why = None
+    if tuple(str(s) for s in layouts) != ("NCHW", "OIHW", "NCHW"):
+        why = f"layouts {layouts} (need NCHW/OIHW)"
+    elif x.scale.size != 1 or zx is None:
+        why = "per-channel input scale or zero point (the channel is the reduction axis)"
+    elif np.any(w.zero != 0):
+        why = "weight zero point is not 0"
+    elif w.scale.ndim and any(d != 1 for d in w.scale.shape[1:]):
+        why = "weight scale varies along the reduction axes"
+    if why:
+        stats.skipped.append(f"conv2d: {why}")
+        return orig
+    padding = [int(p) for p in attrs.padding]  # top, left, bottom, right
+    x8 = x.q
+    if zx != 0 and any(padding):  # pad with the code of 0.0, not with int 0
+        top, left, bottom, right = padding
+        x8 = relax.op.nn.pad(x8, [0, 0, 0, 0, top, bottom, left, right], "constant", float(zx))
+        padding = [0, 0, 0, 0]
+    acc = relax.op.nn.conv2d(
+        x8, w.q, strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+        groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW", out_layout="NCHW",
+        out_dtype="int32",
+    )  # fmt: skip
+    if zx != 0:  # − z'_x · Σ w8[o], one int32 per output channel
+        if w.codes is not None:
+            wsum = w.codes.astype(np.int64).sum(axis=(1, 2, 3)).reshape(1, -1, 1, 1)
+            correction = relax.const((zx * wsum).astype(np.int32), "int32")
+        else:
+            wsum = relax.op.sum(relax.op.astype(w.q, "int32"), axis=[1, 2, 3])
+            correction = relax.op.multiply(
+                relax.op.reshape(wsum, [1, -1, 1, 1]), relax.const(zx, "int32")
+            )
+        acc = relax.op.subtract(acc, correction)
+    scale = np.float32(x.scale.reshape(())) * w.scale.astype(np.float32)
+    scale = scale.reshape(()) if scale.size == 1 else scale.reshape(1, -1, 1, 1)
+    stats.conv2d += 1
+    return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale, "float32"))
+
+
+def _rewrite_matmul(orig: Any, a: _Operand, b: _Operand, stats: IntegerizeStats) -> Any:
+    from tvm import relax
+
+    za, zb = _scalar_int(a.zero), _scalar_int(b.zero)
+    k = _static_dims(a.q)[-1] if a.ndim >= 2 else None
+    why = None
+    if a.ndim < 2 or b.ndim < 2:
+        why = "a 1-D operand"
+    elif za is None or zb is None:
+        why = "per-channel zero point"
+    elif (a.scale.ndim and a.scale.shape[-1] != 1) or (b.scale.ndim and b.scale.shape[-2] != 1):
+        why = "scale varies along the reduction axis (per-channel activation)"
+    elif k is None:
+        why = "the reduction dimension is not static"
+    if why:
+        stats.skipped.append(f"matmul: {why}")
+        return orig
+    acc = relax.op.matmul(a.q, b.q, out_dtype="int32")
+    if zb:
+        acc = relax.op.subtract(acc, _zero_correction(a, -1, zb))
+    if za:
+        acc = relax.op.subtract(acc, _zero_correction(b, -2, za))
+    if za and zb:
+        acc = relax.op.add(acc, relax.const(k * za * zb, "int32"))
+    ndim = max(a.ndim, b.ndim)
+    scale = _aligned(a.scale, ndim) * _aligned(b.scale, ndim)
+    if scale.size == 1:
+        scale = scale.reshape(())
+    stats.matmul += 1
+    return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale, "float32"))
+
+
+def integerize(func: Any) -> tuple[Any, IntegerizeStats]:
+    """Rewrite the DQ-fed conv2d / matmul calls of one Relax function to int8 kernels."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call
+
+    stats = IntegerizeStats()
+    x, w = _DQPattern(allow_permute=False), _DQPattern(allow_permute=False)
+    conv = is_op("relax.nn.conv2d")(x.pattern, w.pattern)
+
+    def conv_rewriter(orig: Any, m: Mapping[Any, Any]) -> Any:
+        xo, wo = x.operand(m), w.operand(m)
+        if xo is None or wo is None:
+            return orig
+        return _rewrite_conv2d(orig, xo, wo, stats)
+
+    a, b = _DQPattern(allow_permute=True), _DQPattern(allow_permute=True)
+    matmul = is_op("relax.matmul")(a.pattern, b.pattern)
+
+    def matmul_rewriter(orig: Any, m: Mapping[Any, Any]) -> Any:
+        ao, bo = a.operand(m), b.operand(m)
+        if ao is None or bo is None:
+            return orig
+        return _rewrite_matmul(orig, ao, bo, stats)
+
+    func = rewrite_call(conv, conv_rewriter, func)
+    func = rewrite_call(matmul, matmul_rewriter, func)
+    func = relax.analysis.remove_all_unused(func)
+    return func, stats
+
+
+def IntegerizeQDQ(stats: dict[str, IntegerizeStats] | None = None) -> Any:  # noqa: N802
+    """The Relax module pass of :func:`integerize` (fills ``stats`` per function if given)."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="hyq.IntegerizeQDQ")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        updates = {}
+        for gv, func in mod.functions.items():
+            if isinstance(func, relax.Function):
+                new, st = integerize(func)
+                updates[gv] = new
+                if stats is not None:
+                    stats[gv.name_hint] = st
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _pass
+
+
+def count_ops(mod: Any, names: tuple[str, ...] = ("relax.nn.conv2d", "relax.matmul")) -> dict:
+    """``{"relax.nn.conv2d int8,int8->int32": n, ...}`` over the Relax functions of ``mod``."""
+    from tvm import relax
+
+    counts: dict[str, int] = {}
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", None) in names:
+            ins = ",".join(str(arg.ty.dtype) for arg in expr.args[:2])
+            key = f"{expr.op.name} {ins}->{expr.ty.dtype}"
+            counts[key] = counts.get(key, 0) + 1
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return dict(sorted(counts.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. build and run
+
+
+def make_target(target: str | Mapping[str, Any] | Any = "llvm", *, mcpu: str | None = None) -> Any:
+    """A ``tvm.target.Target`` from a name in ``TARGETS``, a target dict, or a Target.
+
+    ``"llvm"`` is the build machine's CPU (``mcpu`` from LLVM's host detection unless given):
+    the library then runs on that CPU family.
+    """
+    import tvm
+
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, str):
+        if target not in TARGETS:
+            raise TvmBackendError(
+                f"unknown TVM target {target!r}; use one of {sorted(TARGETS)} or a target dict "
+                "such as {'kind': 'llvm', 'mcpu': 'cascadelake'}"
+            )
+        config = dict(TARGETS[target])
+        if target == "llvm":
+            config["mcpu"] = mcpu or tvm.target.codegen.llvm_get_system_cpu()
+    else:
+        config = dict(target)
+    try:
+        return tvm.target.Target(config)
+    except Exception as exc:
+        raise TvmBackendError(f"invalid TVM target {config}: {exc}") from exc
+
+
+def _target_name(target: Any) -> str:
+    if target.kind.name == "cuda":
+        return "cuda"
+    triple = str(target.attrs.get("mtriple", "") or "")
+    return "aarch64" if triple.startswith("aarch64") else target.kind.name
+
+
+def _export(executable: Any, out_path: Path, name: str) -> None:
+    from tvm.support import cc as tvm_cc
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    cross = CROSS_CC.get(name)
+    if cross is None:
+        executable.export_library(str(out_path))
+        return
+    if shutil.which(cross) is None:
+        raise TvmBackendError(
+            f"cannot link the {name} library: the cross compiler {cross!r} is not on PATH; "
+            "install it (Debian/Ubuntu: apt-get install -y gcc-aarch64-linux-gnu)"
+        )
+    executable.export_library(str(out_path), fcompile=tvm_cc.cross_compiler(cross))
+
+
+def _metadata_path(lib_path: Path) -> Path:
+    return lib_path.with_suffix(".json")
+
+
+def build_tvm(
+    gm: fx.GraphModule,
+    example_input: torch.Tensor,
+    target: str | Mapping[str, Any] | Any = "llvm",
+    out_path: str | Path = "model.llvm.so",
+    *,
+    integer: bool = True,
+    dynamic_batch: bool = True,
+    mcpu: str | None = None,
+    tune_trials: int = 0,
+    tune_dir: str | Path | None = None,
+) -> Path:
+    """Build ``gm`` (a hyq-fx fake-quant GraphModule) into a Relax VM shared library.
+
+    ``integer=True`` runs conv2d / linear / matmul as int8 × int8 → int32 (``IntegerizeQDQ``);
+    ``integer=False`` builds the float graph (quantizers off) as the FP32 reference.
+    ``dynamic_batch`` keeps the batch dimension symbolic (one library for any batch size); with
+    False the library runs only ``example_input``'s batch size (``TvmRunner`` pads to it).
+    ``tune_trials > 0`` tunes the kernels with MetaSchedule (static shapes only, llvm/cuda
+    hosts), keeping its database in ``tune_dir``. Writes ``out_path`` and a ``.json`` beside it
+    (target, input shape, op counts, build seconds, the model's preprocessing).
+    """
+    import tvm
+
+    from hyq_fx.quantize import META_KEY, quantizers_mode
+
+    if not isinstance(gm, fx.GraphModule):
+        raise TvmBackendError(f"build_tvm needs a hyq-fx GraphModule, got {type(gm).__name__}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
+        raise TvmBackendError("example_input must be an image batch tensor [N, C, H, W]")
+    if tune_trials and dynamic_batch:
+        raise TvmBackendError("MetaSchedule tuning needs static shapes: pass dynamic_batch=False")
+    tvm_target = make_target(target, mcpu=mcpu)
+    name = _target_name(tvm_target)
+    out_path = Path(out_path)
+    start = time.perf_counter()
+    example_input = example_input.detach().float().cpu()
+    if integer:
+        lowered, report = lower_quantizers(gm)
+    else:
+        with quantizers_mode(gm, "off"):
+            lowered, report = lower_quantizers(gm)
+    mod = import_relax(lowered.eval(), example_input, dynamic_batch=dynamic_batch)
+    stats: dict[str, IntegerizeStats] = {}
+    if integer:
+        mod = IntegerizeQDQ(stats)(mod)
+    ops = count_ops(mod)
+    with tvm_target:
+        if tune_trials:
+            mod = _tune(mod, tvm_target, tune_trials, Path(tune_dir or out_path.parent / "tuning"))
+        executable = tvm.compile(mod, target=tvm_target)
+    _export(executable, out_path, name)
+    main = stats.get("main", IntegerizeStats())
+    meta = {
+        "format": "hyq-fx tvm-relax 1",
+        "target": name,
+        "target_config": str(tvm_target),
+        "integer": integer,
+        "dynamic_batch": dynamic_batch,
+        "batch": None if dynamic_batch else int(example_input.shape[0]),
+        "input_shape": list(example_input.shape[1:]),
+        "ops": ops,
+        "integer_conv2d": main.conv2d,
+        "integer_matmul": main.matmul,
+        "float_fallbacks": main.skipped,
+        "quantizers": {k: len(v) for k, v in report.items()},
+        "tune_trials": tune_trials,
+        "build_seconds": round(time.perf_counter() - start, 2),
+        "model_info": dict(gm.meta.get(META_KEY, {}).get("model_info", {})),
+    }
+    _metadata_path(out_path).write_text(json.dumps(meta, indent=2, default=str))
+    return out_path
+
+
+def _tune(mod: Any, target: Any, trials: int, work_dir: Path) -> Any:
+    """MetaSchedule-tune the legalized kernels of ``mod`` and apply the best schedules."""
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    mod = relax.transform.LegalizeOps()(mod)
+    mod = relax.transform.AnnotateTIROpPattern()(mod)
+    mod = relax.transform.FoldConstant()(mod)
+    mod = relax.transform.FuseOps()(mod)
+    mod = relax.transform.FuseTIR()(mod)
+    ms.relax_integration.tune_relax(
+        mod=mod, params={}, target=target, work_dir=str(work_dir), max_trials_global=trials
+    )
+    return relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
+
+
+class TvmRunner:
+    """A built library as a callable: torch images ``[N, C, H, W]`` → torch logits (Relax VM).
+
+    ``device`` is ``"cpu"`` or ``"cuda"`` (default: the one the library was built for).
+    Works with ``hyq_fx.data.evaluate_top1(runner, loader)``. A static-batch library runs
+    larger batches in chunks and pads a short last chunk.
+    """
+
+    def __init__(self, path: str | Path, device: str | None = None) -> None:
+        import tvm
+        from tvm import relax
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TvmBackendError(
+                f"{self.path} does not exist; build it with build_tvm() or "
+                "`hyq-fx export OUT --to tvm`"
+            )
+        meta_file = _metadata_path(self.path)
+        self.meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if self.meta.get("target") == "aarch64":
+            raise TvmBackendError(
+                f"{self.path} is an aarch64 library; run it on an aarch64 machine (with tvm "
+                "installed) or over tvm.rpc, not on this host"
+            )
+        device = device or ("cuda" if self.meta.get("target") == "cuda" else "cpu")
+        self.device = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+        self._tensor = tvm.runtime.tensor
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path)), self.device)
+        self.batch: int | None = self.meta.get("batch")
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        return dict(self.meta.get("model_info") or {})
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        out = self.vm["main"](self._tensor(x, self.device))
+        while not hasattr(out, "numpy"):  # a tuple of outputs: the logits are the first
+            out = out[0]
+        return out.numpy()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(images.detach().cpu().float().numpy())
+        if self.batch is None or x.shape[0] == self.batch:
+            return torch.from_numpy(self._run(x))
+        outs = []
+        for start in range(0, x.shape[0], self.batch):
+            chunk = x[start : start + self.batch]
+            n = chunk.shape[0]
+            if n < self.batch:
+                pad = np.zeros((self.batch - n, *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            outs.append(self._run(chunk)[:n])
+        return torch.from_numpy(np.concatenate(outs))
+
+
+def load_tvm(path: str | Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
+    """``(runner, model_info)`` for a built library: what ``hyq-fx eval LIB.so`` needs."""
+    runner = TvmRunner(path)
+    return runner, runner.model_info
+
+
+def is_tvm_library(path: str | Path) -> bool:
+    """Whether ``path`` is a library written by :func:`build_tvm` (a ``.so`` with its ``.json``)."""
+    path = Path(path)
+    meta = _metadata_path(path)
+    if path.suffix != ".so" or not path.is_file() or not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("format", "").startswith("hyq-fx tvm-relax")
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def export_tvm(
+    out_dir: str | Path, target: str = "llvm", out_path: str | Path | None = None, **options: Any
+) -> Path:
+    """Build the quantized artifact in ``out_dir`` for ``target``: ``OUT/model.TARGET.so``.
+
+    What ``hyq-fx export OUT --to tvm --target TARGET`` runs; ``options`` go to
+    :func:`build_tvm` (``integer``, ``dynamic_batch``, ``mcpu``, ``tune_trials``...).
+    """
+    from hyq_fx.artifact import is_artifact, load
+    from hyq_fx.quantize import META_KEY
+
+    if not is_artifact(out_dir):
+        raise TvmBackendError(
+            f"{out_dir} is not a quantized model directory (no graph.json); create one with "
+            "`hyq-fx quantize MODEL --calib DIR --out OUT`"
+        )
+    gm = load(out_dir)
+    shape = gm.meta.get(META_KEY, {}).get("input_shape")
+    if not shape:
+        raise TvmBackendError(f"{out_dir}: the artifact does not record its input shape")
+    example = torch.zeros(1, *shape)
+    path = Path(out_path) if out_path else Path(out_dir) / f"model.{target}.so"
+    return build_tvm(gm, example, target, path, **options)

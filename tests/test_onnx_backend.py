@@ -1,0 +1,194 @@
+"""ONNX QDQ backend: the float translation is exact, the QDQ file has the promised structure
+(int8 weights stored once, per-channel DequantizeLinear, ~¼ of FP32), and ONNX Runtime computes
+what the fake-quant GraphModule computes."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+from hyq_fx.backends.onnx_qdq import ExportError, OnnxRunner, export_onnx_qdq, onnx_node_counts
+from onnx import numpy_helper
+
+import hyq_fx
+from hyq_fx.data import evaluate_top1
+from hyq_fx.quantize import quantizers_mode
+
+SIZE = 64
+
+
+def _sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).mean() / (test - ref).pow(2).mean().clamp_min(1e-30)))
+
+
+@pytest.fixture(scope="module")
+def qxxs():
+    """Random-init mobilevit_xxs (10 classes) quantized W8A8 minmax at 64x64, and its float."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevit_xxs", num_classes=10).eval()
+    calib = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    qgm = hyq_fx.quantize(model, [calib[:2], calib[2:]], "minmax", progress=False)
+    return model, qgm, calib
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return torch.randn(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def exported(qxxs, tmp_path_factory):
+    _, qgm, calib = qxxs
+    out = tmp_path_factory.mktemp("onnx")
+    with quantizers_mode(qgm, "off"):
+        fp32 = export_onnx_qdq(qgm, out / "fp32.onnx", calib)
+    return {
+        "fp32": fp32,
+        "auto": export_onnx_qdq(qgm, out / "auto.onnx", calib, requantize="auto", calib=calib),
+        "none": export_onnx_qdq(qgm, out / "none.onnx", calib, requantize="none"),
+    }
+
+
+def test_float_translation_is_exact(qxxs, exported, inputs):
+    model, qgm, _ = qxxs
+    with torch.no_grad():
+        ref = model(inputs)
+    for batch in (inputs[:1], inputs[:3], inputs):  # dynamic batch
+        out = OnnxRunner(exported["fp32"])(batch)
+        torch.testing.assert_close(out, ref[: len(batch)], atol=1e-5, rtol=1e-5)
+
+
+def test_qdq_file_structure(exported):
+    model = onnx.load(str(exported["auto"]))
+    onnx.checker.check_model(model, full_check=True)
+    counts = onnx_node_counts(exported["auto"])
+    assert counts["QuantizeLinear"] > 30 and counts["DequantizeLinear"] > 60
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    weight_dqs = [
+        n
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dims
+    ]
+    int8 = [d for d in weight_dqs if inits[d.input[0]].data_type == onnx.TensorProto.INT8]
+    assert len(int8) == 72  # every conv and linear weight of mobilevit_xxs (35 + 37)
+    for dq in int8:  # per-channel: one scale per output channel, along the named axis
+        axis = next(a.i for a in dq.attribute if a.name == "axis")
+        w, scale = (numpy_helper.to_array(inits[dq.input[i]]) for i in (0, 1))
+        assert scale.shape == (w.shape[axis],)
+        assert np.abs(w).max() <= 127
+    for node in model.graph.node:  # no float weight reaches a Conv / MatMul / Gemm
+        if node.op_type in ("Conv", "MatMul", "Gemm") and len(node.input) > 1:
+            src = node.input[1]
+            assert src not in inits, f"{node.name} reads a float weight"
+            assert producers[src].op_type in ("DequantizeLinear", "Transpose", "Mul")
+    ratio = exported["auto"].stat().st_size / exported["fp32"].stat().st_size
+    assert ratio <= 0.35, ratio
+
+
+def test_onnxruntime_uses_integer_kernels(exported, tmp_path):
+    opt = tmp_path / "opt.onnx"
+    runner = OnnxRunner(exported["auto"], optimized_model_path=opt)
+    counts = onnx_node_counts(opt)
+    assert counts.get("QLinearConv", 0) >= 25, counts  # DQ → Conv → Q fused
+    assert counts.get("MatMulIntegerToFloat", 0) + counts.get("QLinearMatMul", 0) >= 40, counts
+    assert len(runner.export_report["requantized"]) >= 25
+
+
+def test_exact_export_matches_fake_quant(qxxs, exported, inputs):
+    """requantize="none" computes the fake-quant graph; the only differences are quantizer
+    outputs flipped by one step where torch and ONNX Runtime round a tie differently after
+    float sums in another order (these then propagate), so the bound is statistical."""
+    model, qgm, _ = qxxs
+    with torch.no_grad():
+        fq, fp = qgm(inputs), model(inputs)
+    out = OnnxRunner(exported["none"])(inputs)
+    sqnr, quant_sqnr = _sqnr_db(fq, out), _sqnr_db(fp, fq)
+    agree = float((out.argmax(1) == fq.argmax(1)).float().mean())
+    print(f"none: max|Δ| {float((out - fq).abs().max()):.3g}, SQNR {sqnr:.1f} dB "
+          f"(quantization itself: {quant_sqnr:.1f} dB), top-1 agreement {agree:.3f}")  # fmt: skip
+    assert sqnr > 20 and sqnr > quant_sqnr - 3
+    assert agree >= 0.85
+
+
+def test_requantized_export_stays_close(qxxs, exported, inputs):
+    model, qgm, _ = qxxs
+    with torch.no_grad():
+        fq = qgm(inputs)
+    out = OnnxRunner(exported["auto"])(inputs)
+    sqnr = _sqnr_db(fq, out)
+    agree = float((out.argmax(1) == fq.argmax(1)).float().mean())
+    print(f"auto: max|Δ| {float((out - fq).abs().max()):.3g}, SQNR {sqnr:.1f} dB, "
+          f"top-1 agreement {agree:.3f}")  # fmt: skip
+    assert sqnr > 12
+
+
+class _Small(torch.nn.Module):
+    """conv → ReLU → conv → SiLU → pool → linear: few quantizers, so few one-step flips."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.fc = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.nn.functional.silu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("requantize", ["none", "exact"])
+def test_small_model_is_exact_per_quantizer(tmp_path, requantize):
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    qgm = hyq_fx.quantize(_Small().eval(), x, "minmax", progress=False)
+    path = export_onnx_qdq(qgm, tmp_path / "s.onnx", x[:2], requantize=requantize, opset=21)
+    with torch.no_grad():
+        ref = qgm(x)
+    out = OnnxRunner(path)(x)
+    assert _sqnr_db(ref, out) > 30
+    assert bool((out.argmax(1) == ref.argmax(1)).all())
+
+
+def test_runner_works_with_evaluate_top1(qxxs, exported, inputs):
+    _, qgm, _ = qxxs
+    labels = torch.arange(len(inputs)) % 10
+    loader = [(inputs[:8], labels[:8]), (inputs[8:], labels[8:])]
+    runner = OnnxRunner(exported["none"])
+    result = evaluate_top1(runner, loader, progress=False)
+    assert result["n"] == 16 and len(result["predictions"]) == 16
+    assert runner.meta["recipe"]["name"] == "minmax"
+
+
+def test_low_bit_weights_are_pre_rounded_in_int8(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    qgm = hyq_fx.quantize(_Small().eval(), x, "minmax", w_bits=4, a_bits=6, progress=False)
+    path = export_onnx_qdq(qgm, tmp_path / "w4a6.onnx", x[:2], requantize="none")
+    model = onnx.load(str(path))
+    weights = [
+        numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == 3 and t.dims
+    ]
+    assert weights and all(np.abs(w).max() <= 7 for w in weights)  # ±(2^3 − 1)
+    assert onnx_node_counts(path).get("Clip", 0) >= 3  # 6-bit activations: [0, 63]
+    with torch.no_grad():
+        ref = qgm(x)
+    assert _sqnr_db(ref, OnnxRunner(path)(x)) > 25
+
+
+def test_clear_errors(qxxs, tmp_path):
+    _, qgm, calib = qxxs
+    with pytest.raises(ExportError, match="requantize"):
+        export_onnx_qdq(qgm, tmp_path / "x.onnx", calib, requantize="fast")
+    with pytest.raises(ExportError, match="opset"):
+        export_onnx_qdq(qgm, tmp_path / "x.onnx", calib, opset=13)
+    observing = copy.deepcopy(qgm)
+    next(m for m in observing.modules() if isinstance(m, hyq_fx.FakeQuantizer)).mode = "observe"
+    with pytest.raises(ExportError, match="calibrat"):
+        export_onnx_qdq(observing, tmp_path / "x.onnx", calib)
+    with pytest.raises(FileNotFoundError, match="export_onnx_qdq"):
+        OnnxRunner(tmp_path / "missing.onnx")

@@ -1,0 +1,156 @@
+"""TVM Relax backend: int8 kernels in the IR, and the built library reproduces the fake-quant model.
+
+A tiny conv + attention module keeps the TVM builds short; every invariant of
+``hyq_fx.backends.tvm_relax`` is checked on it:
+
+* ``lower_quantizers`` is exact (explicit int8 Q/DQ ATen ops == FakeQuantizer, to the bit);
+* after ``IntegerizeQDQ`` every conv2d / matmul of the Relax IR is int8 × int8 → int32;
+* an op whose quantizer cannot be held in int8 (per-channel activation) stays in float and is
+  reported;
+* the llvm library's logits match the fake-quant GraphModule (dynamic batch);
+* the aarch64 library is an aarch64 ELF (skipped without ``aarch64-linux-gnu-gcc``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hyq_fx
+from hyq_fx.recipes import Recipe, get_recipe
+
+tvm = pytest.importorskip("tvm")
+tvm_relax = pytest.importorskip("hyq_fx.backends.tvm_relax")
+
+EM_AARCH64 = 183  # ELF e_machine
+FAST_LLVM = {"kind": "llvm", "opt-level": 0}  # LLVM -O0 builds ~3x faster; same numerics
+
+
+class TinyHybrid(nn.Module):
+    """conv(+BN, SiLU) → depthwise conv (asymmetric, padded input) → one attention block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.bn(self.conv(x)))
+        x = F.silu(self.dw(x)) + x
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(t).reshape(b, h * w, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * (c // 2) ** -0.5).softmax(-1)
+        t = t + self.proj((attn @ v).transpose(1, 2).reshape(b, h * w, c))
+        return self.head(t.mean(1))
+
+
+def _quantize(recipe="minmax") -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    return hyq_fx.quantize(TinyHybrid().eval(), calib, recipe, 8, 8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def qgm() -> torch.fx.GraphModule:
+    return _quantize()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_lower_quantizers_is_exact(qgm, images):
+    lowered, report = tvm_relax.lower_quantizers(qgm)
+    assert len(report["int8_weight"]) == 5 and len(report["int8_activation"]) == 9
+    assert not report["float"]
+    with torch.no_grad():
+        assert torch.equal(lowered(images), qgm(images))
+
+
+def test_relax_ir_runs_conv_and_matmul_in_int8(qgm, images):
+    lowered, _ = tvm_relax.lower_quantizers(qgm)
+    mod = tvm_relax.import_relax(lowered, images)
+    assert tvm_relax.count_ops(mod) == {
+        "relax.matmul float32,float32->float32": 5,
+        "relax.nn.conv2d float32,float32->float32": 2,
+    }
+    stats = {}
+    mod = tvm_relax.IntegerizeQDQ(stats)(mod)
+    # 2 convs, 3 linears (qkv, proj, head) and the 2 attention matmuls, all integer
+    assert tvm_relax.count_ops(mod) == {
+        "relax.matmul int8,int8->int32": 5,
+        "relax.nn.conv2d int8,int8->int32": 2,
+    }
+    assert stats["main"].conv2d == 2 and stats["main"].matmul == 5 and not stats["main"].skipped
+    text = mod.script()
+    assert "R.nn.pad(" in text  # the asymmetric depthwise input is padded with its zero point
+    assert '"float32") = R.nn.conv2d' not in text
+
+
+def test_per_channel_activation_stays_float_and_is_reported(images):
+    data = get_recipe("minmax").to_dict()
+    for step in data["passes"]:
+        if step["pass"] == "insert_quantizers":
+            step["args"]["activation"]["per_channel"] = True
+    data["name"] = "minmax_per_channel_act"
+    gm = _quantize(Recipe.from_dict(data))
+    lowered, report = tvm_relax.lower_quantizers(gm)
+    assert report["float"]  # per-channel activation quantizers cannot be int8 per-tensor codes
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(images), gm(images), atol=0, rtol=0)
+    mod = tvm_relax.IntegerizeQDQ()(tvm_relax.import_relax(lowered, images))
+    ops = tvm_relax.count_ops(mod)
+    assert "relax.nn.conv2d float32,float32->float32" in ops
+    assert not any("int8" in key for key in ops)
+
+
+def test_llvm_library_matches_fake_quant(qgm, images, tmp_path):
+    path = tvm_relax.build_tvm(qgm, images, FAST_LLVM, tmp_path / "model.llvm.so")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["integer_conv2d"] == 2 and meta["integer_matmul"] == 5
+    runner = tvm_relax.TvmRunner(path)
+    with torch.no_grad():
+        for batch in (images, images[:1]):  # one library, any batch size
+            ref, out = qgm(batch), runner(batch)
+            assert out.shape == ref.shape
+            assert (out - ref).abs().max().item() < 1e-4
+            assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def _tiny_conv_linear() -> torch.fx.GraphModule:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(64, 5))
+    torch.manual_seed(0)
+    return hyq_fx.quantize(model.eval(), torch.randn(4, 3, 4, 4), "minmax", progress=False)
+
+
+def test_aarch64_library_is_an_aarch64_elf(tmp_path):
+    if shutil.which(tvm_relax.CROSS_CC["aarch64"]) is None:
+        pytest.skip(
+            "aarch64-linux-gnu-gcc is not installed (apt-get install -y gcc-aarch64-linux-gnu)"
+        )
+    gm = _tiny_conv_linear()
+    target = {**tvm_relax.TARGETS["aarch64"], "opt-level": 0}
+    path = tvm_relax.build_tvm(gm, torch.randn(1, 3, 4, 4), target, tmp_path / "m.aarch64.so")
+    header = path.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and header[4] == 2  # 64-bit
+    assert int.from_bytes(header[18:20], "little") == EM_AARCH64
+    with pytest.raises(tvm_relax.TvmBackendError, match="aarch64"):
+        tvm_relax.TvmRunner(path)
+
+
+def test_targets():
+    assert str(tvm_relax.make_target("aarch64").attrs["mtriple"]) == "aarch64-linux-gnu"
+    assert tvm_relax.make_target("cuda").kind.name == "cuda"
+    with pytest.raises(tvm_relax.TvmBackendError, match="unknown TVM target"):
+        tvm_relax.make_target("x86-gpu")
