@@ -32,7 +32,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (
         CaptureError, DataError, ModelLoadError, PassError, CalibrationDataError,
         SerializationError, QuantSpecError, RecipeError, OutputExistsError, FileNotFoundError,
+        *_backend_errors(),
     )  # fmt: skip
+
+
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    from .backends.onnx_qdq import ExportError
+    from .backends.tvm_relax import TvmBackendError
+
+    return ExportError, TvmBackendError
 
 
 def _versions() -> dict[str, str]:
@@ -59,6 +67,15 @@ def _load_any(spec: str):
     if is_artifact(spec):
         gm = load(spec)
         return gm, gm.meta[META_KEY].get("model_info", {})
+    if spec.endswith(".onnx"):
+        from .backends.onnx_qdq import OnnxRunner
+
+        runner = OnnxRunner(spec)
+        return runner, runner.model_info
+    if spec.endswith(".so"):
+        from .backends.tvm_relax import load_tvm
+
+        return load_tvm(spec)
     return load_model(spec, pretrained=not _is_timm_name(spec))
 
 
@@ -135,6 +152,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    if not is_artifact(args.out):
+        raise FileNotFoundError(
+            f"{args.out} is not a quantized model directory (no graph.json); create one with "
+            "`hyq-fx quantize MODEL --calib DIR --out OUT`"
+        )
+    if args.to == "onnx":
+        from .backends.onnx_qdq import export_artifact
+
+        path = export_artifact(args.out, calib_dir=args.calib)
+    else:
+        from .backends.tvm_relax import export_tvm
+
+        path = export_tvm(args.out, args.target)
+    _print_json({"out": str(path), "bytes": path.stat().st_size, "to": args.to})
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .capture import capture
     from .graph import propagate_shapes, summarize, tag_norms, to_dot
@@ -202,11 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="top-1 of a model or a quantized OUT dir, as JSON")
-    e.add_argument("model", help="timm name, local-dir:PATH, model dir, or a quantize --out dir")
+    e.add_argument(
+        "model", help="timm name, local-dir:PATH, model dir, quantize --out dir, .onnx or .so"
+    )
     e.add_argument("--data", required=True, help="ImageFolder of labelled images")
     e.add_argument("--limit", type=int)
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="lower a quantized OUT dir to ONNX QDQ or a TVM library")
+    x.add_argument("out", help="a directory written by hyq-fx quantize --out")
+    x.add_argument("--to", choices=("onnx", "tvm"), required=True)
+    x.add_argument("--target", choices=("llvm", "aarch64", "cuda"), default="llvm")
+    x.add_argument("--calib", help="ImageFolder to fit ONNX requantization grids (optional)")
+    x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="norm variants, conv→transformer transitions, op counts")
     i.add_argument("model")
