@@ -36,10 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, SHARED, ResultStore, command_line, machine  # noqa: E402
-from hyq_fx.backends.onnx_qdq import OnnxRunner, export_onnx_qdq, onnx_node_counts  # noqa: E402
 
 import hyq_fx  # noqa: E402
 from hyq_fx.artifact import is_artifact  # noqa: E402
+from hyq_fx.backends.onnx_qdq import OnnxRunner, export_onnx_qdq, onnx_node_counts  # noqa: E402
 from hyq_fx.data import evaluate_top1, image_folder, make_loader  # noqa: E402
 from hyq_fx.models import load_model  # noqa: E402
 from hyq_fx.quantize import quantizers_mode  # noqa: E402

@@ -13,6 +13,7 @@ are the files of ``hyq_fx/recipe_zoo/``, one JSON file per recipe.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,12 @@ class PassStep:
     args: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pass": self.name, "args": self.args} if self.args else {"pass": self.name}
+        # a copy: callers may edit the dict without changing the registered recipe
+        return (
+            {"pass": self.name, "args": copy.deepcopy(self.args)}
+            if self.args
+            else {"pass": self.name}
+        )
 
 
 @dataclass(frozen=True)

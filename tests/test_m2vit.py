@@ -14,8 +14,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hyq_fx.passes.mixed_precision import greedy_bits
-from hyq_fx.passes.power_of_two_scales import Pow2Grid, is_power_of_two
 from torch import fx, nn
 
 import hyq_fx
@@ -27,6 +25,8 @@ from hyq_fx.pass_base import (
     quantizers,
     run_passes,
 )
+from hyq_fx.passes.mixed_precision import greedy_bits
+from hyq_fx.passes.power_of_two_scales import Pow2Grid, is_power_of_two
 from hyq_fx.quantize import quantizers_mode
 from hyq_fx.recipes import Recipe, get_recipe
 from hyq_fx.report import sqnr_db

@@ -11,10 +11,10 @@ import onnx
 import pytest
 import timm
 import torch
-from hyq_fx.backends.onnx_qdq import ExportError, OnnxRunner, export_onnx_qdq, onnx_node_counts
 from onnx import numpy_helper
 
 import hyq_fx
+from hyq_fx.backends.onnx_qdq import ExportError, OnnxRunner, export_onnx_qdq, onnx_node_counts
 from hyq_fx.data import evaluate_top1
 from hyq_fx.quantize import quantizers_mode
 

@@ -9,11 +9,11 @@ import math
 import pytest
 import timm
 import torch
-from hyq_fx.passes.log2_softmax_quantizer import log_dequantize, log_quantize
 
 import hyq_fx
 from hyq_fx.fake_quant import quantize_with_spec
 from hyq_fx.pass_base import PassError, QuantContext, get_pass, get_tensor, record_node_outputs
+from hyq_fx.passes.log2_softmax_quantizer import log_dequantize, log_quantize
 from hyq_fx.quantize import quantizers_mode
 from hyq_fx.report import sqnr_db
 from hyq_fx.serialize import load_graph_module, save_graph_module
