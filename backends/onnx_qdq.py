@@ -68,6 +68,7 @@ __all__ = ["ExportError", "OnnxRunner", "export_artifact", "export_onnx_qdq", "o
 MIN_OPSET, MAX_OPSET = 17, 21
 REQUANTIZE = ("auto", "exact", "none")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+FIT_IMAGES = 16  # images of ``calib`` used to fit requantization grids
 
 
 class ExportError(ValueError):
@@ -178,9 +179,9 @@ def _requant_range(
     """The uint8 grid ``[a, t]`` for a conv output ``y`` that goes through ``f`` into ``Q_n``.
 
     ``t = f⁻¹(hi)`` (above it ``Q_n`` saturates anyway). ``a`` minimises
-    ``E[(Q_n(f(ŷ)) − Q_n(f(y)))²]`` over the sample ``y`` (the conv output on the example
-    input), ``ŷ`` the requantized value; without a sample, ``a = −L`` where ``|f(−L)|`` is half
-    a step of ``Q_n``.
+    ``E[(Q_n(f(ŷ)) − Q_n(f(y)))²]`` over the sample ``y`` (the conv output on calibration
+    images; 48 candidates), ``ŷ`` the requantized value; without a sample, ``a = −L`` where
+    ``|f(−L)|`` is half a step of ``Q_n``.
     """
     s_n, z_n = float(qn.scale), float(qn.zero_point)
     hi = (qn.qmax - z_n) * s_n
@@ -191,20 +192,16 @@ def _requant_range(
             neg += 0.25
         return -neg, top
     y = y.detach().flatten().double()
-    if y.numel() > 1 << 16:
-        y = y[:: y.numel() // (1 << 16) + 1]
+    if y.numel() > 1 << 14:
+        y = y[:: y.numel() // (1 << 14) + 1].contiguous()
     ref = _grid(f(y), s_n, z_n, qn.qmin, qn.qmax)
     floor = min(float(y.min()), -top / 254)
-    best, best_err = floor, math.inf
-    for a in np.linspace(floor, -top / 254, 48):
-        scale = (top - a) / 255.0
-        zp = float(np.clip(np.rint(-a / scale), 0, 255))
-        err = float(
-            (_grid(f(_grid(y, scale, zp, 0, 255)), s_n, z_n, qn.qmin, qn.qmax) - ref).pow(2).mean()
-        )
-        if err < best_err:
-            best, best_err = float(a), err
-    return best, top
+    a = torch.linspace(floor, -top / 254, 48, dtype=torch.float64)[:, None]  # candidates
+    scale = (top - a) / 255.0
+    zp = torch.clamp(torch.round(-a / scale), 0, 255)
+    y_hat = (torch.clamp(torch.round(y / scale) + zp, 0, 255) - zp) * scale
+    err = (_grid(f(y_hat), s_n, z_n, qn.qmin, qn.qmax) - ref).pow(2).mean(dim=1)
+    return float(a[int(err.argmin())]), top
 
 
 # --------------------------------------------------------------------------------------------
@@ -1089,8 +1086,9 @@ def export_onnx_qdq(
     outputs where an int8 conv kernel can then be used (exact for identity/ReLU, a fitted
     grid for SiLU/GELU/Hardswish), ``"exact"`` only where it is exact, ``"none"`` never (the
     ONNX model then computes the fake-quant graph, with float convolutions). ``calib``: images
-    (e.g. 32 calibration images) on which the SiLU/GELU grids are fitted; without them the grid
-    is derived from the next quantizer's range alone. ``check`` runs ``onnx.checker``.
+    (calibration images; the first 16 are used) on which the SiLU/GELU grids are fitted;
+    without them a grid is derived from the next quantizer's range alone. ``check`` runs
+    ``onnx.checker``.
     Quantizers in mode ``off`` are exported as float.
     The export report (requantized convs, float convs) and ``gm.meta["hyq"]`` (recipe, bits,
     preprocessing) are stored in the model's metadata as JSON under ``hyq`` and
@@ -1143,7 +1141,7 @@ def export_onnx_qdq(
         if smooth:
             rec = _Recorder(gm, smooth)
             with torch.no_grad():
-                rec.run(calib.detach().float())
+                rec.run(calib[:FIT_IMAGES].detach().float())
             tr.samples = rec.values
     ph = placeholders[0]
     tr.env[ph] = INPUT_NAME

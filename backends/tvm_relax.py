@@ -40,6 +40,7 @@ int32 output and no float conv/matmul, and the built library reproduces the fake
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -495,6 +496,7 @@ def make_target(target: str | Mapping[str, Any] | Any = "llvm", *, mcpu: str | N
         config = dict(TARGETS[target])
         if target == "llvm":
             config["mcpu"] = mcpu or tvm.target.codegen.llvm_get_system_cpu()
+            config["num-cores"] = os.cpu_count() or 1  # MetaSchedule needs it
     else:
         config = dict(target)
     try:

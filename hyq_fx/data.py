@@ -12,7 +12,7 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -343,7 +343,7 @@ def _model_device(model: Callable[..., Any]) -> torch.device | None:
 
 def evaluate_top1(
     model: Callable[[torch.Tensor], Any],
-    loader: Sequence[Any] | DataLoader,
+    loader: Iterable[Any],
     *,
     progress: bool = True,
     desc: str = "eval",

@@ -18,10 +18,15 @@ in base 2). ``K = 15`` fraction bits keep every intermediate an exact integer in
 ``b ≤ 8`` output bits and up to 512 tokens.
 
 The rewrite emits only aten ops (div, round, amax, floor, exp2, sum...), so the graph saves and
-exports. The input gets a symmetric per-tensor ``input_bits`` quantizer (calibrated here, or the
-one already on it); its ``scale`` buffer is ``S``. A quantizer right after the softmax is reset to
-the output grid (scale ``1/(2^b − 1)``, zero-point 0), which it then leaves unchanged.
-Integer arithmetic stays in place when quantizers are switched off.
+exports. The input gets a symmetric per-tensor ``input_bits`` quantizer (calibrated here; one
+already on the input is used instead) whose ``scale`` buffer is ``S``. ``input_bits`` defaults to
+8 whatever ``a_bits`` is: the logits come from a requantized accumulator, and 6-bit logits alone
+cost up to 0.09 of probability. ``bits`` (default ``a_bits``) is the output width; a quantizer
+right after the softmax is reset to that grid (scale ``1/(2^b − 1)``, zero-point 0), which it
+then leaves unchanged. The integer arithmetic stays in place when quantizers are switched off.
+Measured against float softmax (64 tokens, logits ~ N(0, 3²), 8-bit output): max |error|
+0.0135 with 16-bit inputs, 0.032 with 8-bit inputs (mean 7e-4 / 8e-4); rounding a float
+softmax to 8 bits alone gives 0.002 / 5e-4.
 Invariant checked by the test: the result is on the b-bit grid, rows sum to 1 within the
 rounding, and the error against float softmax is bounded.
 """
@@ -74,12 +79,12 @@ class IntegerSoftmax(HyqPass):
         ctx=None,
         *,
         bits: int | None = None,
-        input_bits: int | None = None,
+        input_bits: int = 8,
         slope: float = SLOPE,
     ) -> None:
         super().__init__(ctx)
         self.bits = self.ctx.a_bits if bits is None else bits
-        self.input_bits = self.ctx.a_bits if input_bits is None else input_bits
+        self.input_bits = input_bits
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise PassError(f"integer_softmax: bits must be an int, got {self.bits!r}")
         if not 2 <= self.bits <= MAX_OUT_BITS:

@@ -4,14 +4,22 @@ outliers into its weights (HyQ quantization-aware distribution scaling).
 For a pointwise op ``y = W·x`` (1x1 conv2d with groups 1, or linear; ``W`` is [C_out, C_in])
 with an activation quantizer ``Q_a`` (scale ``s``, zero-point ``z``) and a weight quantizer
 ``Q_w``, any ``α > 0`` leaves the float op unchanged, ``W·x = (W·diag(α))·(x/α)``, and α is
-learned for the quantized op (init 1, Adam with a cosine learning rate, STE through rounding)::
+learned for the quantized op (Kim, Lee & Kim, "HyQ: Hardware-Friendly Post-Training
+Quantization for CNN-Transformer Hybrid Networks", IJCAI 2024, §3.2; the notes' "Kim & Kim
+2025")::
 
-    α* = argmin_α  E_x ‖ W·x − Q_w(W·diag(α)) · Q_a(x/α) ‖²
+    α* = argmin_α  E_x Σ_o F_o·( W·x − Q_w(W·diag(α)) · Q_a(x/α) )_o²
 
-over activations recorded on the calibration batches (Kim, Lee & Kim, "HyQ: Hardware-Friendly
-Post-Training Quantization for CNN-Transformer Hybrid Networks", IJCAI 2024, §3.2; the notes'
-"Kim & Kim 2025"). ``Q_a`` keeps its calibrated ``(s, z)``, so α is in effect a learned
-per-channel activation scale ``s·α_c``. The result is placed in the graph in one of two ways:
+over input vectors sampled on the calibration batches, by Adam on ``log α`` (cosine lr 1e-2,
+straight-through rounding, the weight scale differentiable). ``F_o = 1`` is the paper's
+objective (``weighting="uniform"``); the default ``"fisher"`` weighs output channel ``o`` by
+``E[(∂L/∂y_o)²]`` (BRECQ's diagonal Fisher, ``L`` the cross-entropy against the float model's
+own prediction), because a lower uniform error at one layer does not always lower the network's.
+The start is the best of ``α = 1`` (the paper's) and ``α = a^t`` for t in (0.25 .. 1), ``a_c``
+the factor that makes channel ``c`` span the quantizer's range. ``Q_a`` keeps its calibrated
+``(s, z)``, so α is in effect a learned per-channel activation scale ``s·α_c``; α never makes
+``x/α`` clip more than ``Q_a`` clips ``x`` (unless ``clip=True``). The result is placed in the
+graph in one of two ways:
 
 * **folded** (exact, no extra op at run time): when ``x`` is the output of a per-channel affine
   op — conv2d / linear (a folded BatchNorm included), layer_norm, group_norm or batch_norm — reached

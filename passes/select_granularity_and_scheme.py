@@ -15,7 +15,10 @@ cross-entropy of the FP logits against the FP model's own argmax labels, compute
 autograd on the FP graph (quantizers off). Activation and weight scales are searched
 alternately for ``rounds`` rounds, each against the others' current choice. Every op is
 evaluated on sampled rows (im2col patches for conv, tokens for linear, head slices for matmul)
-of ≤ ``images`` calibration images, so the search costs matmuls of at most ``max_rows`` rows.
+of ≤ ``images`` calibration images, so the search costs matmuls of at most ``max_rows`` rows;
+the ranges behind ``Δ₀`` are the min/max over ``range_images`` images (default: all calibration
+images, as min-max calibration uses; one float forward pass each), since per-channel ranges taken
+from a few images clip unseen ones.
 
 Zero-point overflow: an asymmetric quantizer whose channel has ``min > 0`` or ``max < 0`` needs
 ``z = qmin − round(min/Δ)`` outside ``[qmin, qmax]``; the clamped zero-point shifts that channel.
@@ -185,6 +188,7 @@ class SelectGranularityAndScheme(HyqPass):
         beta: float = 1.2,
         rounds: int = 3,
         images: int = 32,
+        range_images: int | None = None,
         batch_size: int = 8,
         max_rows: int = 512,
         weights: bool = True,
@@ -215,6 +219,7 @@ class SelectGranularityAndScheme(HyqPass):
         ]
         self.factors = torch.linspace(alpha, beta, n_scales)
         self.rounds, self.images, self.batch_size = rounds, images, batch_size
+        self.range_images = range_images
         self.max_rows, self.weights = max_rows, weights
         self.per_channel_ops = set(per_channel_ops)
         self.objective, self.allow_overflow = objective, allow_overflow
@@ -252,7 +257,6 @@ class SelectGranularityAndScheme(HyqPass):
                 if isinstance(a, fx.Node) and a.op == "call_module" and a.target in fq_mods:
                     op.fq[i] = a.target
             ops[node.name] = op
-        stats: dict[str, _Stats] = {}
         images = self._images()
         per_batch = max(1, math.ceil(self.max_rows / len(images)))
         gen = torch.Generator().manual_seed(self.ctx.seed)
@@ -283,14 +287,44 @@ class SelectGranularityAndScheme(HyqPass):
                     grad = y.grad if y.grad is not None else torch.zeros_like(y)
                     if self.objective == "mse":
                         grad = torch.ones_like(y)
-                    for i, x in ((0, x0), (1, x1)):
-                        if op.fq[i] is not None:
-                            axis = self._tensor_axis(op, i, x.dim())
-                            stats.setdefault(op.fq[i], _Stats()).update(x, axis)
                     self._sample(op, x0, x1, grad.detach(), per_batch, gen)
         for op in ops.values():
             op.finish()
-        return ops, stats
+        return ops, self._ranges(gm, ops)
+
+    def _ranges(self, gm: fx.GraphModule, ops: dict[str, _Op]) -> dict[str, _Stats]:
+        """Per-tensor and per-channel min/max of each activation quantizer's input, over
+        ``range_images`` calibration images (one float forward pass each batch)."""
+        first: dict[str, tuple[_Op, int]] = {}
+        for op in ops.values():
+            for i in (0, 1):
+                if op.fq[i] is not None and op.node.args[i].args[0].op != "get_attr":
+                    first.setdefault(op.fq[i], (op, i))
+        stats = {name: _Stats() for name in first}
+        modules = quantizers(gm)
+
+        def hook(name: str):
+            def observe(_module, args, _out) -> None:
+                op, i = first[name]
+                stats[name].update(args[0], self._tensor_axis(op, i, args[0].dim()))
+
+            return observe
+
+        handles = [modules[n].register_forward_hook(hook(n)) for n in first]
+        seen = 0
+        try:
+            with quantizers_mode(gm, "off"), torch.no_grad():
+                for batch in self.ctx.calib_batches:
+                    if self.range_images is not None and seen >= self.range_images:
+                        break
+                    if self.range_images is not None:
+                        batch = batch[: self.range_images - seen]
+                    gm(batch)
+                    seen += batch.shape[0]
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
 
     @staticmethod
     def _conv_args(node: fx.Node) -> tuple[Any, Any, Any, tuple]:

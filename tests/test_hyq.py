@@ -51,17 +51,33 @@ class _Bottleneck(nn.Module):
         return self.pw(self.act(self.bn(self.conv(x))))
 
 
+def _layer_error(gm, x, op_name: str) -> float:
+    """Output error with only the quantizers of ``op_name`` (input and weight) switched on."""
+    op = next(n for n in gm.graph.nodes if n.name == op_name)
+    mine = [*op.meta["hyq_quant"]["inputs"], op.meta["hyq_quant"]["weight"]]
+    with torch.no_grad(), quantizers_mode(gm, "off"):
+        fp = gm(x)
+        for name in mine:
+            gm.get_submodule(name).mode = "quantize"
+        return (gm(x) - fp).pow(2).mean().item()
+
+
 def _outlier_case(act: bool):
+    """8-bit weights, 4-bit activations: the outlier channels set the activation range."""
     torch.manual_seed(0)
     model = _Bottleneck(act).eval()
     x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(1))
-    ctx = QuantContext([x[:4], x[4:]], w_bits=4, a_bits=4, progress=False)
+    ctx = QuantContext([x[:4], x[4:]], w_bits=8, a_bits=4, progress=False)
     gm = _quantized(model, x, ctx)
+    pw = [n.name for n in gm.graph.nodes if n.target is aten.conv2d.default][-1]
     fp0, err0 = _errors(gm, x)
+    layer0 = _layer_error(gm, x, pw)
     opts = {"steps": 150, "samples": 1024}
     gm = run_passes(gm, [get_pass("scale_bottleneck_outliers")(ctx, **opts)])
     fp1, err1 = _errors(gm, x)
-    return gm, ctx.log[-1], fp0, fp1, err0, err1
+    layer1 = _layer_error(gm, x, pw)
+    assert err1 < err0, (err0, err1)  # the whole model's error drops too
+    return gm, ctx.log[-1], fp0, fp1, layer0, layer1
 
 
 def test_outlier_scaling_behind_silu_uses_a_per_channel_quantizer():
@@ -79,7 +95,8 @@ def test_outlier_scaling_folds_exactly_into_an_affine_producer():
     gm, log, fp0, fp1, err0, err1 = _outlier_case(act=False)
     assert [e["producer"] for e in log["folded"]] == ["conv2d"]
     torch.testing.assert_close(fp1, fp0, atol=1e-5, rtol=1e-5)  # exact in FP32
-    assert err1 < 0.5 * err0, (err0, err1)
+    # less room than behind SiLU: signed channels share the outliers' zero-point
+    assert err1 < 0.75 * err0, (err0, err1)
     # folded: no extra op at run time, activation quantizers stay per-tensor
     assert not any(n.target is aten.mul.Tensor for n in gm.graph.nodes)
     assert not any(f.spec.per_channel for f in quantizers(gm).values() if f.role == "activation")
@@ -210,23 +227,42 @@ def test_integer_softmax_graph_saves_and_loads(tmp_path):
         assert torch.equal(loaded(x), gm(x))
 
 
-def test_quantize_norms_is_identity_until_calibrated(xxs_gm, xxs_input):
-    ctx = QuantContext([xxs_input[:2]], a_bits=8, progress=False)
-    run_passes(xxs_gm, [get_pass(n)(ctx) for n in ("insert_quantizers", "calibrate")])
+class _Norms(nn.Module):
+    """GroupNorm(1, C) on a feature map, then a pre-norm residual LayerNorm on its tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(1, 8)
+        self.ln = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 4)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        t = self.gn(self.conv(x)).flatten(2).transpose(1, 2)
+        t = t + self.fc(self.ln(t)).repeat(1, 1, 2)
+        return self.head(t.mean(1))
+
+
+def test_quantize_norms_is_identity_until_calibrated():
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    gm = hyq_fx.capture(_Norms().eval(), x[:2])
+    ctx = QuantContext([x], a_bits=8, progress=False)
+    run_passes(gm, [get_pass(n)(ctx) for n in ("insert_quantizers", "calibrate")])
     with torch.no_grad():
-        before = xxs_gm(xxs_input)
-    n_before = len(quantizers(xxs_gm))
-    result = get_pass("quantize_norms")(ctx)(xxs_gm)
-    xxs_gm.recompile()
-    assert result.modified
-    added = len(quantizers(xxs_gm)) - n_before
-    # inputs of 9 transformer layers × 2 LayerNorms + 3 final norms; their outputs already
-    # reach only the qkv / fc1 / conv_proj input quantizers
-    assert added == 9 * 2 + 3, added
+        before = gm(x)
+    n_before = len(quantizers(gm))
+    assert get_pass("quantize_norms")(ctx)(gm).modified
+    gm.recompile()
+    # GN: input and output (its output feeds a residual add); LN: input only, its output
+    # already reaches only the fc input quantizer
+    assert len(quantizers(gm)) - n_before == 3
     with torch.no_grad():
-        assert torch.equal(xxs_gm(xxs_input), before)
-    run_passes(xxs_gm, [get_pass("calibrate")(ctx)])
-    assert all(f.calibrated for f in quantizers(xxs_gm).values())
+        assert torch.equal(gm(x), before)
+    run_passes(gm, [get_pass("calibrate")(ctx)])
+    assert all(f.calibrated for f in quantizers(gm).values())
+    with torch.no_grad():
+        assert not torch.equal(gm(x), before)
 
 
 @pytest.mark.slow
@@ -238,7 +274,7 @@ def test_full_recipe_accuracy_stays_close_to_partial():
     ckpt = shared_path("checkpoints", "mobilevit_xxs.cifar10")
     model, info = load_model(f"local-dir:{ckpt}")
     calib = make_loader(image_folder(shared_path("data", "cifar10", "calib"), info, limit=32), 32)
-    dev = make_loader(image_folder(shared_path("data", "cifar10", "dev"), info, limit=200), 100)
+    dev = make_loader(image_folder(shared_path("data", "cifar10", "dev"), info, limit=100), 100)
     base = ["decompose_attention", "fold_batchnorm", "insert_quantizers", "calibrate"]
     partial = hyq_fx.Recipe.from_dict({"name": "p", "passes": [{"pass": p} for p in base]})
     full = hyq_fx.Recipe.from_dict(

@@ -43,7 +43,7 @@ def test_loss_drops_and_user_model_untouched() -> None:
     torch.manual_seed(0)
     noise = torch.randn(8, 3, 16, 16)
     images = synthesize_from_batchnorm(
-        model, 8, input_size=(3, 16, 16), steps=30, lr=0.2, batch_size=4, progress=False
+        model, 8, input_size=(3, 16, 16), steps=30, lr=0.05, batch_size=4, progress=False
     )
     assert images.shape == (8, 3, 16, 16) and not images.requires_grad
     assert bn_statistics_loss(model, images) < 0.6 * bn_statistics_loss(model, noise)
@@ -74,6 +74,22 @@ def test_global_rng_not_consumed() -> None:
     torch.manual_seed(123)
     synthesize_from_batchnorm(model, 2, input_size=(3, 8, 8), steps=1, progress=False)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_start_point_follows_input_normalization() -> None:
+    model = _small_cnn()
+    kw = dict(input_size=(3, 32, 32), steps=0, progress=False)
+    # ImageNet-normalised (the default for a model without pretrained_cfg): plain randn.
+    x = synthesize_from_batchnorm(model, 4, seed=3, **kw)
+    torch.manual_seed(3)
+    assert torch.allclose(x, torch.randn(4, 3, 32, 32), atol=1e-5)
+    # Raw [0, 1] pixels (mean 0, std 1), e.g. the CIFAR-10 checkpoints: natural pixel stats.
+    model.pretrained_cfg = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    raw = synthesize_from_batchnorm(model, 4, seed=3, **kw)
+    assert raw.mean(dim=(0, 2, 3)).tolist() == pytest.approx([0.485, 0.456, 0.406], abs=0.02)
+    assert raw.std().item() == pytest.approx(0.226, abs=0.02)
+    same = synthesize_from_batchnorm(model, 4, seed=3, normalization=((0, 0, 0), (1, 1, 1)), **kw)
+    assert torch.equal(raw, same)
 
 
 def test_no_batchnorm_is_an_error() -> None:
