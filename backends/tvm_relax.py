@@ -23,12 +23,16 @@ Three steps, each checkable on its own:
        conv2d:  y = s_x·s_w[o] · ( conv_i32(pad(x8, z'_x), w8) − z'_x · Σ_{i,kh,kw} w8[o] )
        matmul:  y = s_a·s_b · ( a8·b8 − z'_b·Σ_k a8[m,k] − z'_a·Σ_k b8[k,n] + K·z'_a·z'_b )
 
-   The conv input is padded with its zero point (the int8 code of 0.0), so the border is exact.
-   Bias adds and everything outside conv/linear/matmul stay in float, as in the fake-quant graph.
+   Asymmetric activations keep their (shifted) zero point ``z'``; it is subtracted exactly in
+   int32 by the correction terms above (a constant per output channel for weights, a row/column
+   sum for activation × activation). The conv input is padded with ``z'`` (the int8 code of
+   0.0), so the border is exact. The int32 → float rescale by ``s_x·s_w`` is the requantization;
+   bias adds and everything outside conv/linear/matmul stay in float, as in the fake-quant graph.
 
-An op stays in float (reported in ``stats["float_ops"]``) where integers cannot express it
-exactly: per-channel activation scales (the channel is the reduction axis), > 8-bit codes, weights
-whose ``q − z_w`` leaves int8, or a scale varying along the reduction axis.
+An op stays in float (listed in the ``float_fallbacks`` of the library's ``.json`` and in
+``IntegerizeStats.skipped``) where integers cannot express it exactly: per-channel activation
+scales (the channel is the reduction axis), > 8-bit codes, weights whose ``q − z_w`` leaves int8,
+or a scale varying along the reduction axis.
 
 Targets: ``"llvm"`` (host CPU), ``"aarch64"`` (``llvm -mtriple=aarch64-linux-gnu +neon,+dotprod``,
 linked with ``aarch64-linux-gnu-gcc``), ``"cuda"`` (``sm_90`` with dlight GPU schedules; needs
@@ -40,7 +44,6 @@ int32 output and no float conv/matmul, and the built library reproduces the fake
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -207,7 +210,12 @@ def lower_quantizers(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list
 def import_relax(
     gm: fx.GraphModule, example_input: torch.Tensor, *, dynamic_batch: bool = True
 ) -> Any:
-    """Export ``gm`` with torch.export and import it as a Relax IRModule (``main``)."""
+    """Export ``gm`` with torch.export and import it as a Relax IRModule (``main``).
+
+    PyTorch's decompositions are not run (``run_ep_decomposition=False``): they would turn
+    ``matmul``/``linear`` into ``broadcast_to``/``reshape``/``bmm`` chains that hide the
+    dequantize → matmul pattern from ``IntegerizeQDQ``.
+    """
     from tvm.relax.frontend.torch import from_exported_program
 
     dynamic = None
@@ -322,6 +330,8 @@ def _scalar_int(arr: np.ndarray) -> int | None:
 
 @dataclass
 class IntegerizeStats:
+    """What :func:`integerize` did: integer conv2d / matmul counts, and why others stayed float."""
+
     conv2d: int = 0
     matmul: int = 0
     skipped: list[str] = field(default_factory=list)
@@ -496,7 +506,6 @@ def make_target(target: str | Mapping[str, Any] | Any = "llvm", *, mcpu: str | N
         config = dict(TARGETS[target])
         if target == "llvm":
             config["mcpu"] = mcpu or tvm.target.codegen.llvm_get_system_cpu()
-            config["num-cores"] = os.cpu_count() or 1  # MetaSchedule needs it
     else:
         config = dict(target)
     try:
@@ -541,8 +550,6 @@ def build_tvm(
     integer: bool = True,
     dynamic_batch: bool = True,
     mcpu: str | None = None,
-    tune_trials: int = 0,
-    tune_dir: str | Path | None = None,
 ) -> Path:
     """Build ``gm`` (a hyq-fx fake-quant GraphModule) into a Relax VM shared library.
 
@@ -550,9 +557,8 @@ def build_tvm(
     ``integer=False`` builds the float graph (quantizers off) as the FP32 reference.
     ``dynamic_batch`` keeps the batch dimension symbolic (one library for any batch size); with
     False the library runs only ``example_input``'s batch size (``TvmRunner`` pads to it).
-    ``tune_trials > 0`` tunes the kernels with MetaSchedule (static shapes only, llvm/cuda
-    hosts), keeping its database in ``tune_dir``. Writes ``out_path`` and a ``.json`` beside it
-    (target, input shape, op counts, build seconds, the model's preprocessing).
+    Kernels use TVM's default (untuned) schedules. Writes ``out_path`` and a ``.json`` beside
+    it (target, input shape, op counts, build seconds, the model's preprocessing).
     """
     import tvm
 
@@ -562,8 +568,6 @@ def build_tvm(
         raise TvmBackendError(f"build_tvm needs a hyq-fx GraphModule, got {type(gm).__name__}")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
         raise TvmBackendError("example_input must be an image batch tensor [N, C, H, W]")
-    if tune_trials and dynamic_batch:
-        raise TvmBackendError("MetaSchedule tuning needs static shapes: pass dynamic_batch=False")
     tvm_target = make_target(target, mcpu=mcpu)
     name = _target_name(tvm_target)
     out_path = Path(out_path)
@@ -580,8 +584,6 @@ def build_tvm(
         mod = IntegerizeQDQ(stats)(mod)
     ops = count_ops(mod)
     with tvm_target:
-        if tune_trials:
-            mod = _tune(mod, tvm_target, tune_trials, Path(tune_dir or out_path.parent / "tuning"))
         executable = tvm.compile(mod, target=tvm_target)
     _export(executable, out_path, name)
     main = stats.get("main", IntegerizeStats())
@@ -598,29 +600,11 @@ def build_tvm(
         "integer_matmul": main.matmul,
         "float_fallbacks": main.skipped,
         "quantizers": {k: len(v) for k, v in report.items()},
-        "tune_trials": tune_trials,
         "build_seconds": round(time.perf_counter() - start, 2),
         "model_info": dict(gm.meta.get(META_KEY, {}).get("model_info", {})),
     }
     _metadata_path(out_path).write_text(json.dumps(meta, indent=2, default=str))
     return out_path
-
-
-def _tune(mod: Any, target: Any, trials: int, work_dir: Path) -> Any:
-    """MetaSchedule-tune the legalized kernels of ``mod`` and apply the best schedules."""
-    from tvm import relax
-    from tvm.s_tir import meta_schedule as ms
-
-    work_dir.mkdir(parents=True, exist_ok=True)
-    mod = relax.transform.LegalizeOps()(mod)
-    mod = relax.transform.AnnotateTIROpPattern()(mod)
-    mod = relax.transform.FoldConstant()(mod)
-    mod = relax.transform.FuseOps()(mod)
-    mod = relax.transform.FuseTIR()(mod)
-    ms.relax_integration.tune_relax(
-        mod=mod, params={}, target=target, work_dir=str(work_dir), max_trials_global=trials
-    )
-    return relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
 
 
 class TvmRunner:
@@ -698,12 +682,15 @@ def is_tvm_library(path: str | Path) -> bool:
 
 
 def export_tvm(
-    out_dir: str | Path, target: str = "llvm", out_path: str | Path | None = None, **options: Any
+    out_dir: str | Path,
+    target: str | Mapping[str, Any] = "llvm",
+    out_path: str | Path | None = None,
+    **options: Any,
 ) -> Path:
     """Build the quantized artifact in ``out_dir`` for ``target``: ``OUT/model.TARGET.so``.
 
-    What ``hyq-fx export OUT --to tvm --target TARGET`` runs; ``options`` go to
-    :func:`build_tvm` (``integer``, ``dynamic_batch``, ``mcpu``, ``tune_trials``...).
+    What ``hyq-fx export OUT --to tvm --target TARGET`` runs (TARGET: llvm, aarch64, cuda);
+    ``options`` go to :func:`build_tvm` (``integer``, ``dynamic_batch``, ``mcpu``).
     """
     from hyq_fx.artifact import is_artifact, load
     from hyq_fx.quantize import META_KEY
@@ -718,5 +705,6 @@ def export_tvm(
     if not shape:
         raise TvmBackendError(f"{out_dir}: the artifact does not record its input shape")
     example = torch.zeros(1, *shape)
-    path = Path(out_path) if out_path else Path(out_dir) / f"model.{target}.so"
+    name = _target_name(make_target(target, mcpu=options.get("mcpu")))
+    path = Path(out_path) if out_path else Path(out_dir) / f"model.{name}.so"
     return build_tvm(gm, example, target, path, **options)

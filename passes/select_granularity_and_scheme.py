@@ -16,9 +16,10 @@ autograd on the FP graph (quantizers off). Activation and weight scales are sear
 alternately for ``rounds`` rounds, each against the others' current choice. Every op is
 evaluated on sampled rows (im2col patches for conv, tokens for linear, head slices for matmul)
 of ≤ ``images`` calibration images, so the search costs matmuls of at most ``max_rows`` rows;
-the ranges behind ``Δ₀`` are the min/max over ``range_images`` images (default: all calibration
-images, as min-max calibration uses; one float forward pass each), since per-channel ranges taken
-from a few images clip unseen ones.
+the ranges behind ``Δ₀`` are the min/max over ``range_images`` images (default: all, as min-max
+calibration uses; one float forward pass each), with ``holdout`` the calibration images other
+than those ``images`` (when there are more): per-channel ranges from a few images clip unseen
+ones badly, and measuring the error on images outside the ranges makes the choice see that.
 
 Zero-point overflow: an asymmetric quantizer whose channel has ``min > 0`` or ``max < 0`` needs
 ``z = qmin − round(min/Δ)`` outside ``[qmin, qmax]``; the clamped zero-point shifts that channel.
@@ -189,6 +190,7 @@ class SelectGranularityAndScheme(HyqPass):
         rounds: int = 3,
         images: int = 32,
         range_images: int | None = None,
+        holdout: bool = True,
         batch_size: int = 8,
         max_rows: int = 512,
         weights: bool = True,
@@ -219,7 +221,7 @@ class SelectGranularityAndScheme(HyqPass):
         ]
         self.factors = torch.linspace(alpha, beta, n_scales)
         self.rounds, self.images, self.batch_size = rounds, images, batch_size
-        self.range_images = range_images
+        self.range_images, self.holdout = range_images, holdout
         self.max_rows, self.weights = max_rows, weights
         self.per_channel_ops = set(per_channel_ops)
         self.objective, self.allow_overflow = objective, allow_overflow
@@ -311,16 +313,15 @@ class SelectGranularityAndScheme(HyqPass):
             return observe
 
         handles = [modules[n].register_forward_hook(hook(n)) for n in first]
-        seen = 0
+        images = torch.cat(self.ctx.calib_batches)
+        if self.holdout and images.shape[0] > self.images:
+            images = images[self.images :]  # not the images the errors are measured on
+        if self.range_images is not None:
+            images = images[: self.range_images]
         try:
             with quantizers_mode(gm, "off"), torch.no_grad():
-                for batch in self.ctx.calib_batches:
-                    if self.range_images is not None and seen >= self.range_images:
-                        break
-                    if self.range_images is not None:
-                        batch = batch[: self.range_images - seen]
+                for batch in images.split(32):
                     gm(batch)
-                    seen += batch.shape[0]
         finally:
             for h in handles:
                 h.remove()

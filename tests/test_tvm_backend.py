@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hyq_fx
+import hyq_fx.artifact
 from hyq_fx.recipes import Recipe, get_recipe
 
 tvm = pytest.importorskip("tvm")
@@ -116,10 +117,13 @@ def test_per_channel_activation_stays_float_and_is_reported(images):
 
 
 def test_llvm_library_matches_fake_quant(qgm, images, tmp_path):
-    path = tvm_relax.build_tvm(qgm, images, FAST_LLVM, tmp_path / "model.llvm.so")
+    # the CLI path: a saved artifact → export_tvm → OUT/model.llvm.so → load_tvm
+    hyq_fx.artifact.save(qgm, tmp_path / "q")
+    path = tvm_relax.export_tvm(tmp_path / "q", FAST_LLVM)
+    assert path == tmp_path / "q" / "model.llvm.so" and tvm_relax.is_tvm_library(path)
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["integer_conv2d"] == 2 and meta["integer_matmul"] == 5
-    runner = tvm_relax.TvmRunner(path)
+    runner, _info = tvm_relax.load_tvm(path)
     with torch.no_grad():
         for batch in (images, images[:1]):  # one library, any batch size
             ref, out = qgm(batch), runner(batch)
