@@ -14,7 +14,7 @@ fewer than 8 bits are pre-rounded into the int8 container, so ``DQ(W_q)`` is exa
 activations are stored as uint8 with ``z + 128`` (the same grid), because ONNX Runtime's x86
 integer kernels take uint8 activations.
 
-With ``requantize="auto"`` (default), where a conv's output reaches the next quantizer
+With ``requantize="auto"`` (opt-in), where a conv's output reaches the next quantizer
 ``Q_n`` through at most one activation ``f`` and data-movement ops, the conv output is also
 requantized, ``y → DQ(Q(y, s_y, z_y))``, so that ONNX Runtime fuses ``DQ → Conv → Q`` into
 ``QLinearConv`` (uint8 × int8, int32 accumulation, uint8 output). For ``f`` = identity / ReLU
@@ -23,7 +23,10 @@ For SiLU / GELU / Hardswish it is an extra rounding the fake-quant graph does no
 uint8 grid spans ``[a, f⁻¹(hi_n)]`` (above, ``Q_n`` saturates anyway), ``a`` chosen to minimise
 ``E[(Q_n(f(ŷ)) − Q_n(f(y)))²]`` on calibration images (without images: where ``|f(a)|`` falls
 under half a step of ``Q_n``). ``requantize="exact"`` keeps only the exact cases, ``"none"``
-none. Linear layers and activation matmuls need no requantization: ``DQ → MatMul`` becomes
+(default) none, so the file computes the fake-quant graph that hyq-fx evaluated, up to one-step
+flips where float sums differ in the last bit (convs not followed by a quantizer then run in
+float on the int8-stored weights). Linear layers and
+activation matmuls need no requantization: ``DQ → MatMul`` becomes
 ``MatMulIntegerToFloat`` (or ``QLinearMatMul``). Biases of requantized convs are int32 at scale
 ``s_x·s_w``.
 
@@ -1075,20 +1078,20 @@ def export_onnx_qdq(
     example_input: torch.Tensor,
     *,
     opset: int = MIN_OPSET,
-    requantize: str = "auto",
+    requantize: str = "none",
     calib: torch.Tensor | None = None,
     check: bool = True,
 ) -> Path:
     """Write ``gm`` (a calibrated hyq-fx GraphModule) to ``path`` as a QDQ ONNX model.
 
     ``example_input`` is one image batch ``[N, C, H, W]`` (N ≥ 1) of the deployed size; the
-    batch dimension of the ONNX model is dynamic. ``requantize``: ``"auto"`` requantizes conv
-    outputs where an int8 conv kernel can then be used (exact for identity/ReLU, a fitted
-    grid for SiLU/GELU/Hardswish), ``"exact"`` only where it is exact, ``"none"`` never (the
-    ONNX model then computes the fake-quant graph, with float convolutions). ``calib``: images
-    (calibration images; the first 16 are used) on which the SiLU/GELU grids are fitted;
-    without them a grid is derived from the next quantizer's range alone. ``check`` runs
-    ``onnx.checker``.
+    batch dimension of the ONNX model is dynamic. ``requantize``: ``"none"`` (default) never
+    requantizes, so the ONNX model computes the fake-quant graph; ``"auto"`` requantizes conv
+    outputs where an int8 conv kernel (QLinearConv) can then be used (exact for identity/ReLU,
+    an extra rounding with a fitted grid for SiLU/GELU/Hardswish); ``"exact"`` only where exact.
+    ``calib``: images (calibration images; the first 16 are used) on which the SiLU/GELU grids
+    are fitted; without them a grid is derived from the next quantizer's range alone.
+    ``check`` runs ``onnx.checker``.
     Quantizers in mode ``off`` are exported as float.
     The export report (requantized convs, float convs) and ``gm.meta["hyq"]`` (recipe, bits,
     preprocessing) are stored in the model's metadata as JSON under ``hyq`` and
@@ -1201,7 +1204,7 @@ def export_artifact(
     *,
     calib_dir: str | os.PathLike[str] | None = None,
     n_images: int = 32,
-    requantize: str = "auto",
+    requantize: str = "none",
     opset: int = MIN_OPSET,
 ) -> Path:
     """Export the quantized model saved in ``out_dir`` (``hyq-fx quantize --out``) to

@@ -80,7 +80,7 @@ def _outlier_case(act: bool):
     return gm, ctx.log[-1], fp0, fp1, layer0, layer1
 
 
-def test_outlier_scaling_behind_silu_uses_a_per_channel_quantizer():
+def test_outlier_scaling_behind_silu_uses_a_per_channel_quantizer(tmp_path):
     gm, log, fp0, fp1, err0, err1 = _outlier_case(act=True)
     assert [e["node"] for e in log["per_channel_quantizer"]] and not log["folded"]
     torch.testing.assert_close(fp1, fp0, atol=1e-5, rtol=1e-5)  # float graph unchanged
@@ -89,6 +89,11 @@ def test_outlier_scaling_behind_silu_uses_a_per_channel_quantizer():
         f for f in quantizers(gm).values() if f.role == "activation" and f.spec.per_channel
     ]
     assert len(per_channel) == 1 and per_channel[0].scale.numel() == 16
+    save_graph_module(gm, tmp_path / "m")  # the rewrite saves and loads (aten ops only)
+    loaded, _ = load_graph_module(tmp_path / "m")
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
 
 
 def test_outlier_scaling_folds_exactly_into_an_affine_producer():
