@@ -508,6 +508,7 @@ class SelectGranularityAndScheme(HyqPass):
     # ------------------------------------------------------------------ the pass
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        gm.recompile()  # the range pass runs the module's code, which must match its graph
         ops, stats = self._collect(gm)
         fq_mods = quantizers(gm)
         uses: dict[str, list[tuple[_Op, int]]] = {}
