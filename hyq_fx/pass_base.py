@@ -163,9 +163,11 @@ def prune_unused_attributes(gm: fx.GraphModule) -> None:
     """Drop dead nodes, then the parameters, buffers and submodules no node reads any more."""
     gm.graph.eliminate_dead_code()
     used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name in used:
-            continue
+        owner_of = name.rpartition(".")[0]
+        if name in used or any(owner_of == m or owner_of.startswith(m + ".") for m in modules):
+            continue  # read by a node, or a called module's own state (a quantizer's scale)
         owner_path, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
         owner._parameters.pop(attr, None)
