@@ -178,8 +178,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .capture import capture
-    from .graph import propagate_shapes, summarize, tag_norms, to_dot
+    from .draw import draw_graph, require_dot
+    from .graph import propagate_shapes, summarize
 
+    if args.svg:
+        require_dot()  # before the slow capture
     model, info = _load_any(args.model)
     size = tuple(info.get("pretrained_cfg", {}).get("input_size") or (3, 224, 224))
     example = torch.randn(2, *size)
@@ -189,15 +192,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         gm = capture(model, example)
     summary = summarize(gm)
     _print_json({"model": args.model, **summary})
-    if args.dot:
-        norms = tag_norms(gm)
-        highlight = {n.node: "lightblue" for n in norms}
-        for t in summary.get("transitions", []):
-            for key in ("entry", "exit"):
-                if t.get(key):
-                    highlight[t[key]] = "orange"
-        to_dot(gm, args.dot, highlight=highlight)
-        print(f"wrote {args.dot}", file=sys.stderr)
+    if args.dot or args.svg:
+        for path in draw_graph(gm, dot=args.dot, svg=args.svg, title=args.model):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -261,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="norm variants, conv→transformer transitions, op counts")
     i.add_argument("model")
-    i.add_argument("--dot", help="also write the graph as Graphviz DOT")
+    i.add_argument("--dot", help="also write the graph as Graphviz DOT (norms, bridges coloured)")
+    i.add_argument("--svg", help="also render the graph to SVG (needs Graphviz's `dot`)")
     i.set_defaults(func=cmd_inspect)
 
     r = sub.add_parser("recipes", help="list the recipes")

@@ -261,13 +261,15 @@ def to_dot(
     path: str | Path,
     highlight: dict[str, str] | None = None,
     title: str | None = None,
+    legend: dict[str, str] | None = None,
 ) -> Path:
     """Write a Graphviz DOT file (render with ``dot -Tsvg``); returns the path.
 
     get_attr nodes (weights, buffers) are collapsed into their consumers, whose label then gets
     a ``+N params`` note: drawn separately they double the node count and hide the dataflow.
     Size arithmetic (``sym_size`` and friends under a dynamic batch) is left out likewise.
-    ``highlight`` maps node names to fill colours (any Graphviz colour, e.g. ``"orange"``).
+    ``highlight`` maps node names to fill colours (any Graphviz colour, e.g. ``"orange"``);
+    ``legend`` maps a caption to its colour, drawn as a boxed key beside the graph.
     """
     g = gm_or_digraph if isinstance(gm_or_digraph, nx.DiGraph) else to_networkx(gm_or_digraph)
     highlight = highlight or {}
@@ -303,6 +305,14 @@ def to_dot(
         if u in hidden or v in hidden:
             continue
         lines.append(f"  {_dot_quote(u)} -> {_dot_quote(v)};")
+    if legend:
+        lines += ["  subgraph cluster_legend {", '    label="legend";']
+        for i, (caption, color) in enumerate(legend.items()):
+            lines.append(
+                f'    "legend_{i}" [label={_dot_quote(caption)}, style="rounded,filled", '
+                f"fillcolor={_dot_quote(color)}];"
+            )
+        lines.append("  }")
     lines.append("}")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
