@@ -46,13 +46,24 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
     """Yield a staging directory that becomes ``out_dir`` only if the block completes.
 
     An interrupted run (an error, Ctrl-C) leaves no half-written ``out_dir``; an existing
-    ``out_dir`` is replaced only with ``overwrite``.
+    ``out_dir`` is replaced only with ``overwrite``, and only if it is empty or a previous
+    result (it holds ``graph.json``): ``--overwrite`` never deletes an unrelated folder.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(
+            f"output path {out} is a file, not a directory; choose another --out"
+        )
     if out.exists() and not overwrite:
         raise OutputExistsError(
             f"output directory {out} already exists; choose another --out or pass --overwrite "
             "to replace it"
+        )
+    if out.exists() and not is_artifact(out) and any(out.iterdir()):
+        raise OutputExistsError(
+            f"output directory {out} is not a previous hyq-fx result (no graph.json) and is not "
+            "empty; --overwrite only replaces a previous result, so it was left alone: choose "
+            "another --out"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

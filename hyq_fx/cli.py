@@ -7,6 +7,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,13 @@ import torch
 
 from . import __version__
 from .artifact import OutputExistsError, atomic_output_dir, is_artifact, load, save
+from .pass_base import QuantContext
 from .quantize import META_KEY, quantize
 from .recipes import RECIPES, RecipeError, get_recipe
-from .spec import QuantSpec
+from .spec import QuantSpec, QuantSpecError
+
+# commands whose output directory is written atomically (artifact.atomic_output_dir)
+_ATOMIC_OUTPUT = ("quantize", "demo")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -83,10 +88,24 @@ def _is_timm_name(spec: str) -> bool:
     return not (spec.startswith(("local-dir:", "embedded:")) or Path(spec).exists())
 
 
-def _eval(model, model_info, data: str, limit: int | None, progress: bool, desc: str):
-    from .data import evaluate_top1, image_folder, make_loader
+def _eval_set(data: str, model_info: dict[str, Any], limit: int | None):
+    """The labelled images to evaluate on; their classes must be the model's."""
+    from .data import image_folder
 
-    ds = image_folder(data, model_info, limit=limit, expected_classes=model_info.get("num_classes"))
+    return image_folder(
+        data,
+        model_info,
+        limit=limit,
+        expected_classes=model_info.get("num_classes"),
+        expected_labels=model_info.get("label_names"),
+    )
+
+
+def _eval(model, model_info, data, limit: int | None, progress: bool, desc: str):
+    """Top-1 on ``data``: an ImageFolder path or a dataset from :func:`_eval_set`."""
+    from .data import evaluate_top1, make_loader
+
+    ds = _eval_set(data, model_info, limit) if isinstance(data, str) else data
     return evaluate_top1(model, make_loader(ds, batch_size=64), progress=progress, desc=desc)
 
 
@@ -96,11 +115,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .report import layer_report
 
     progress = not args.no_progress
-    get_recipe(args.recipe)  # fail fast on a bad recipe or bit width, before any slow work
-    QuantSpec(bits=args.w_bits), QuantSpec(bits=args.a_bits)
+    for flag, bits in (("--w-bits", args.w_bits), ("--a-bits", args.a_bits)):
+        try:
+            QuantSpec(bits=bits)
+        except QuantSpecError as exc:
+            raise QuantSpecError(f"{flag} {bits}: {exc}") from None
+    # fail fast on a bad recipe (name, JSON, pass options) before any slow work
+    get_recipe(args.recipe).build(QuantContext(w_bits=args.w_bits, a_bits=args.a_bits))
+    torch.manual_seed(args.seed)  # a timm name gets random weights: the same for the same seed
     model, info = load_model(args.model, pretrained=not _is_timm_name(args.model))
     calib = image_folder(args.calib, info, limit=args.calib_size, seed=args.seed)
     calib_loader = make_loader(calib, batch_size=args.batch_size)
+    # checked before the slow work: an eval folder that does not fit the model fails now
+    eval_set = _eval_set(args.eval, info, args.eval_limit) if args.eval else None
     out_dir = Path(args.out)
     with atomic_output_dir(out_dir, overwrite=args.overwrite) as staging:
         start = time.perf_counter()
@@ -126,8 +153,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         }
         fp = q = None
         if args.eval:
-            fp = _eval(model, info, args.eval, args.eval_limit, progress, "eval fp32")
-            q = _eval(qgm, info, args.eval, args.eval_limit, progress, "eval quant")
+            fp = _eval(model, info, eval_set, None, progress, "eval fp32")
+            q = _eval(qgm, info, eval_set, None, progress, "eval quant")
             same = sum(a == b for a, b in zip(fp["predictions"], q["predictions"], strict=True))
             report.update(
                 fp32_top1=round(fp["top1"] * 100, 2),
@@ -274,16 +301,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: object) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _warning_printer(command: str):
+    """hyq-fx's own warnings (skipped images) as one ``hyq-fx CMD: warning: ...`` line."""
+    from .data import DataWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, DataWarning):
+            print(f"hyq-fx {command}: warning: {_one_line(message)}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except _user_errors() as exc:
-        print(f"hyq-fx {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"hyq-fx {args.command}: interrupted; no output was written", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(args.command)
+        try:
+            return args.func(args)
+        except _user_errors() as exc:
+            print(f"hyq-fx {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            done = "; no output was written" if args.command in _ATOMIC_OUTPUT else ""
+            print(f"hyq-fx {args.command}: interrupted{done}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

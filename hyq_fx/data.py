@@ -12,7 +12,7 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,10 @@ _SHOW = 5
 
 class DataError(ValueError):
     """An image folder is missing, empty or does not fit the model; the message says how to fix."""
+
+
+class DataWarning(UserWarning):
+    """Something in an image folder was skipped (unreadable images); the data is still usable."""
 
 
 def preprocess_config(model_info_or_pretrained_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -196,6 +200,7 @@ class ImageFolderDataset(Dataset):
                 warnings.warn(
                     f"Skipping unreadable image {path} (replaced by the next readable image of "
                     f"class {self.classes[label]!r}).",
+                    DataWarning,
                     stacklevel=2,
                 )
                 continue
@@ -255,6 +260,41 @@ def _balanced_pick(
     return [(files[c][i], c) for c, i in chosen], bad
 
 
+def _check_labels(root: Path, classes: list[str], labels: list[str]) -> None:
+    """Folders named by the model's labels must be exactly those labels, in the model's order.
+
+    The class index of an image is its folder's position in sorted order, so a folder set named
+    like the labels but ordered or spelled differently would silently score the wrong classes.
+    Folders that share no name with the labels (ImageNet wnids vs. label texts, ``class00``...)
+    cannot be compared and are left to the class-count check.
+    """
+    if classes == labels or not set(classes) & set(labels):
+        return
+    extra = [c for c in classes if c not in labels]
+    missing = [c for c in labels if c not in classes]
+    if extra or missing:
+        detail = (
+            f"not among the model's labels: {_names(extra)}; labels without a folder: "
+            f"{_names(missing)}"
+        )
+    else:
+        i = next(i for i, (c, lab) in enumerate(zip(classes, labels, strict=True)) if c != lab)
+        detail = (
+            f"same names in another order: sorted folder {i} is {classes[i]!r} but the model's "
+            f"class {i} is {labels[i]!r}"
+        )
+    raise DataError(
+        f"The class folders of {root} do not match the model's labels ({detail}). Labels come "
+        f"from the sorted folder order, so top-1 would be measured against the wrong classes; "
+        f"rename the folders so that, sorted, they are the model's classes in order "
+        f"({_names(labels)}), or use the dataset the model was trained on."
+    )
+
+
+def _names(names: list[str]) -> str:
+    return (", ".join(names[:_SHOW]) + (", ..." if len(names) > _SHOW else "")) or "none"
+
+
 def image_folder(
     root: str | os.PathLike[str],
     model_info: Mapping[str, Any],
@@ -262,6 +302,7 @@ def image_folder(
     limit: int | None = None,
     seed: int = 0,
     expected_classes: int | None = None,
+    expected_labels: Sequence[str] | None = None,
 ) -> ImageFolderDataset:
     """An ImageFolder dataset (``<root>/<class>/<image>``, index = sorted folder order).
 
@@ -270,7 +311,8 @@ def image_folder(
     images), chosen deterministically from ``seed``. Unreadable images are skipped with a
     warning: checked up front (``PIL verify``) when there are at most 20000 files or a
     ``limit``, otherwise when first loaded. Raises :class:`DataError` for a missing or empty
-    folder, no usable images, or ``expected_classes`` != number of class folders.
+    folder, no usable images, ``expected_classes`` != number of class folders, or folders named
+    by ``expected_labels`` (the model's ``label_names``) in another order or with other names.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -289,6 +331,8 @@ def image_folder(
             f"classes (found: {', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}). "
             f"Point at the dataset the model was trained for, with one folder per class."
         )
+    if expected_labels is not None:
+        _check_labels(root, classes, [str(x) for x in expected_labels])
     total = sum(len(f) for f in files)
     if total == 0:
         raise DataError(
@@ -309,12 +353,15 @@ def image_folder(
                 else:
                     bad.append(p)
     if bad:
-        shown = ", ".join(bad[:_SHOW]) + (", ..." if len(bad) > _SHOW else "")
-        warnings.warn(f"Skipped {len(bad)} unreadable image(s) in {root}: {shown}", stacklevel=2)
+        warnings.warn(
+            f"Skipped {len(bad)} unreadable image(s) in {root}: {_names(bad)}",
+            DataWarning,
+            stacklevel=2,
+        )
     if not samples:
         raise DataError(
-            f"None of the {total} image files in {root} could be read ({len(bad)} unreadable); "
-            f"expected the layout {_LAYOUT}."
+            f"None of the {total} image files in {root} could be read ({len(bad)} unreadable: "
+            f"{_names(bad)}); replace them with valid image files, in the layout {_LAYOUT}."
         )
     return ImageFolderDataset(root, classes, samples, EvalTransform(model_info), bad)
 

@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from .capture import capture
-from .pass_base import QuantContext, quantizers, run_passes
+from .pass_base import PassError, QuantContext, quantizers, run_passes
 from .recipes import Recipe, get_recipe
 from .spec import QuantSpec, QuantSpecError
 
@@ -48,6 +48,13 @@ def collect_batches(
             )
         if limit is not None and seen + x.shape[0] > limit:
             x = x[: limit - seen]
+        if not torch.isfinite(x).all():
+            rows = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).nonzero().flatten()
+            raise CalibrationDataError(
+                f"calibration batch {len(batches)} holds NaN/Inf values (image(s) "
+                f"{rows[:5].tolist()} of the batch): the input itself is not finite; check the "
+                "images and their preprocessing (mean/std, division by zero)"
+            )
         if x.shape[0]:
             batches.append(x)
             seen += x.shape[0]
@@ -72,6 +79,34 @@ def quantizers_mode(gm: fx.GraphModule, mode: str) -> Iterator[None]:
     finally:
         for name, fq in fqs.items():
             fq.mode = saved[name]
+
+
+def _raise_if_nonfinite(
+    model: nn.Module, example: torch.Tensor, batches: list[torch.Tensor], exc: Exception
+) -> None:
+    """After a failed recipe: if the *float* model yields NaN/Inf on the calibration data,
+    raise ``NonFiniteError`` naming the first node where it appears (the recipe's own error
+    is then only a consequence). Only runs on the error path, so it costs nothing otherwise."""
+    from .passes.calibrate import NonFiniteError, first_nonfinite_node, nonfinite_message
+
+    if isinstance(exc, NonFiniteError):
+        return
+    try:
+        float_gm = capture(model, example[:2])
+        with torch.no_grad():
+            found = [
+                (i, first_nonfinite_node(float_gm, batch))
+                for i, batch in enumerate(batches)
+                if not torch.isfinite(float_gm(batch)).all()
+            ][:1]
+    except Exception:  # the diagnosis is best effort; the original error stands
+        return
+    if found:
+        i, node = found[0]
+        raise NonFiniteError(
+            f"{nonfinite_message(node, i)} (in the float model, before quantization; the "
+            f"recipe then failed with: {exc})"
+        ) from exc
 
 
 def quantize(
@@ -105,7 +140,17 @@ def quantize(
         example = example.repeat(2, *([1] * (example.dim() - 1)))
     start = time.perf_counter()
     gm = capture(model, example[:2])
-    gm = run_passes(gm, passes)
+    try:
+        gm = run_passes(gm, passes)
+        bad = [n for n, fq in quantizers(gm).items() if not torch.isfinite(fq.scale).all()]
+        if bad:
+            raise PassError(
+                f"recipe {recipe.name!r} left {len(bad)} quantizer(s) with a non-finite scale "
+                f"({', '.join(bad[:5])})"
+            )
+    except Exception as exc:
+        _raise_if_nonfinite(model, example, batches, exc)
+        raise
     gm.eval()
     gm.meta[META_KEY] = {
         "recipe": recipe.to_dict(),

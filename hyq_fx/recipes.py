@@ -81,6 +81,10 @@ class Recipe:
             args = entry.get("args", {})
             if not isinstance(args, dict):
                 raise RecipeError(f"{here}: 'args' must be an object, got {args!r}")
+            if not isinstance(entry["pass"], str):
+                raise RecipeError(
+                    f"{here}: 'pass' must be a pass name (a string), got {entry['pass']!r}"
+                )
             if entry["pass"] not in PASSES:
                 raise RecipeError(
                     f"{here}: unknown pass {entry['pass']!r}; registered passes: "
@@ -97,10 +101,22 @@ class Recipe:
         return cls(str(data["name"]), str(data.get("description", "")), tuple(steps))
 
     def build(self, ctx: QuantContext) -> list[HyqPass]:
-        try:
-            return [build_pass(s.name, s.args, ctx) for s in self.passes]
-        except PassError as exc:
-            raise RecipeError(f"recipe {self.name!r}: {exc}") from exc
+        """The recipe's passes, constructed (their options are validated here, before any work).
+
+        A bad option value raises :class:`RecipeError` naming the recipe, the entry
+        ``passes[i]`` and the pass.
+        """
+        built = []
+        for i, step in enumerate(self.passes):
+            try:
+                built.append(build_pass(step.name, step.args, ctx))
+            except (PassError, ValueError, TypeError, KeyError) as exc:
+                reason = str(exc).removeprefix(f"{step.name}: ")
+                raise RecipeError(
+                    f"recipe {self.name!r}: passes[{i}] ({step.name}): {reason}; fix the "
+                    "'args' of that entry"
+                ) from exc
+        return built
 
 
 RECIPES: dict[str, Recipe] = {}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
@@ -289,7 +290,19 @@ def _read_files(out_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
             f"{out_dir / GRAPH_FILE} has format version {data.get('version')!r}; this hyq-fx "
             f"reads version {FORMAT_VERSION} (was it written by another hyq-fx release?)"
         )
-    return data, load_file(str(out_dir / TENSOR_FILE))
+    missing = [
+        k for k in ("nodes", "modules", "tensors") if not isinstance(data.get(k), dict | list)
+    ]
+    if missing:
+        raise SerializationError(f"{out_dir / GRAPH_FILE} lacks {missing}: the file is damaged")
+    try:
+        tensors = load_file(str(out_dir / TENSOR_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SerializationError(
+            f"{out_dir / TENSOR_FILE} is not a readable safetensors file ({exc}); the result is "
+            "damaged or incomplete: quantize again"
+        ) from exc
+    return data, tensors
 
 
 def _check_tensors(specs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

@@ -39,6 +39,19 @@ def first_nonfinite_node(gm: fx.GraphModule, batch: torch.Tensor) -> fx.Node | N
     return found[0] if found else None
 
 
+def nonfinite_message(node: fx.Node | None, batch_index: int) -> str:
+    """Where NaN/Inf first appears, and what to check."""
+    if node is None:
+        where = "the output"
+    else:
+        module = node.meta.get("hyq_module_path") or "<root>"
+        where = f"node '{node.name}' ({node.target}, module '{module}')"
+    return (
+        f"NaN/Inf first appears at {where} on calibration batch {batch_index}; "
+        "check the input preprocessing (mean/std) and the model's weights"
+    )
+
+
 @register_pass
 class Calibrate(HyqPass):
     """Observe the calibration batches, then set each new quantizer's scale and zero-point."""
@@ -67,16 +80,7 @@ class Calibrate(HyqPass):
                 outs = out if isinstance(out, (tuple, list)) else (out,)
                 if not all(torch.isfinite(o).all() for o in outs if isinstance(o, torch.Tensor)):
                     node = first_nonfinite_node(gm, batch)
-                    where = (
-                        f"node '{node.name}' ({node.target}, module "
-                        f"'{node.meta.get('hyq_module_path', '?')}')"
-                        if node is not None
-                        else "the output"
-                    )
-                    raise NonFiniteError(
-                        f"calibrate: NaN/Inf first appears at {where} on calibration batch {i}; "
-                        "check the input preprocessing (mean/std) and the model's weights"
-                    )
+                    raise NonFiniteError(f"calibrate: {nonfinite_message(node, i)}")
         for name, fq in pending.items():
             if not fq.observer.ready:
                 raise PassError(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from hyq_fx.observers import OBSERVERS
 from hyq_fx.pass_base import HyqPass, PassError, PassResult, add_module_call, register_pass
 from hyq_fx.quantizer import FakeQuantizer
 from hyq_fx.spec import QuantSpec
@@ -51,6 +52,11 @@ def _spec(options: dict[str, Any], bits: int, axis: int, what: str) -> tuple[Qua
         axis=axis,
         scale_type=options.get("scale_type", "float"),
     )
+    if options["observer"] not in OBSERVERS:
+        raise PassError(
+            f"insert_quantizers: unknown {what} observer {options['observer']!r}; use "
+            f"{sorted(OBSERVERS)}"
+        )
     return spec, options["observer"]
 
 
@@ -80,6 +86,8 @@ class InsertQuantizers(HyqPass):
         skip: tuple[str, ...] | list[str] = (),
     ) -> None:
         super().__init__(ctx)
+        if isinstance(ops, str):
+            raise PassError(f"insert_quantizers: 'ops' must be a list of op names, got {ops!r}")
         unknown = sorted(set(ops) - set(OPS))
         if unknown:
             raise PassError(f"insert_quantizers: unknown op(s) {unknown}; use {sorted(OPS)}")

@@ -41,6 +41,7 @@ def test_zero_is_exactly_representable(spec, lo, hi):
     zero = fake_quantize(torch.zeros(1), scale, zp, spec.qmin, spec.qmax)
     assert zero.item() == 0.0
     assert spec.qmin <= zp.item() <= spec.qmax
+    assert zp.item() == round(zp.item())  # zero is a code of the integer grid, not between two
 
 
 @settings(max_examples=200, deadline=None)

@@ -112,11 +112,7 @@ def _check_state_dict(
     ]
     if not (missing or unexpected or mismatched):
         return
-    lines = [
-        f"The weights in {weights} do not match architecture {arch!r} "
-        f"({len(missing)} missing, {len(unexpected)} unexpected, "
-        f"{len(mismatched)} shape-mismatched keys)."
-    ]
+    found = []
     for title, keys in (
         ("missing", missing),
         ("unexpected", unexpected),
@@ -124,12 +120,14 @@ def _check_state_dict(
     ):
         if keys:
             more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
-            lines.append(f"  {title}: {', '.join(keys[:_SHOW])}{more}")
-    lines.append(
-        '  Fix: make "architecture", "num_classes" and "model_args" in config.json match the '
+            found.append(f"{title}: {', '.join(keys[:_SHOW])}{more}")
+    raise ModelLoadError(  # one line: the CLI prints it as `hyq-fx CMD: error: ...`
+        f"The weights in {weights} do not match architecture {arch!r} "
+        f"({len(missing)} missing, {len(unexpected)} unexpected, "
+        f"{len(mismatched)} shape-mismatched keys): {'; '.join(found)}. "
+        'Fix: make "architecture", "num_classes" and "model_args" in config.json match the '
         "checkpoint (e.g. img_size, num_classes), or use the checkpoint it was saved from."
     )
-    raise ModelLoadError("\n".join(lines))
 
 
 def _load_dir(
@@ -270,5 +268,6 @@ def load_model(
     if path.is_dir() or (looks_like_path and not spec.startswith(("hf-hub:", "timm/"))):
         return _load_dir(path, spec, pretrained, kwargs)
     return _load_timm(spec, pretrained, kwargs)
+
 
 from . import mobile_former  # noqa: E402,F401  (registers mobile_former_* in timm)
