@@ -3,8 +3,8 @@
 Three steps, each checkable on its own:
 
 1. ``lower_quantizers`` (torch): every ``FakeQuantizer`` becomes explicit ATen ops with an int8
-   tensor in the middle. Activations (per-tensor, ``b ≤ 8`` bits) are *shifted* to signed int8,
-   which is exact for integers::
+   tensor in the middle. Activations (per-tensor or per-channel, ``b ≤ 8`` bits) are *shifted*
+   to signed int8, which is exact for integers::
 
        q8 = cast_int8(clamp(round(x / s) + z', qmin − o, qmax − o)),   z' = z − o
        x̂  = (cast_f32(q8) − z') · s
@@ -29,10 +29,22 @@ Three steps, each checkable on its own:
    0.0), so the border is exact. The int32 → float rescale by ``s_x·s_w`` is the requantization;
    bias adds and everything outside conv/linear/matmul stay in float, as in the fake-quant graph.
 
+   A depthwise conv (``groups = C_in``, weight ``[m·C_in, 1, kh, kw]``) may have a per-channel
+   input quantizer (``insert_quantizers(depthwise_per_channel=True)``): output channel ``o``
+   reads only input channel ``c = o // m``, so it is still one int8 grouped conv::
+
+       dw conv: y[o] = s_x[c]·s_w[o] · ( conv_i32(pad0(x8), w8)[o] − z'_x[c] · conv(mask, w8)[o] )
+
+   The input is padded with int 0 (no single pad code is 0.0 for every channel) and ``mask``
+   (1 on the input, 0 on the padding) keeps the padded taps out of the zero-point correction,
+   a build-time ``[1, O, H_out, W_out]`` int32 constant (needs static H, W).
+
 An op stays in float (listed in the ``float_fallbacks`` of the library's ``.json`` and in
-``IntegerizeStats.skipped``) where integers cannot express it exactly: per-channel activation
-scales (the channel is the reduction axis), > 8-bit codes, weights whose ``q − z_w`` leaves int8,
-or a scale varying along the reduction axis.
+``IntegerizeStats.skipped``, once per op) where integers cannot express it exactly: a
+per-channel activation scale or zero point along the reduction axis (any conv but a depthwise
+one with a constant weight and static spatial shape, linear, matmul), > 8-bit codes, weights
+whose ``q − z_w`` leaves int8, or a weight scale varying along the reduction axis. Per-channel
+activation quantizers (≤ 8 bits) are lowered to int8 codes either way; their Q/DQ is exact.
 
 Targets: ``"llvm"`` (host CPU), ``"aarch64"`` (``llvm -mtriple=aarch64-linux-gnu +neon,+dotprod``,
 linked with ``aarch64-linux-gnu-gcc``), ``"cuda"`` (``sm_90`` with dlight GPU schedules; needs
@@ -53,6 +65,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from hyq_fx.quantizer import FakeQuantizer
@@ -101,12 +114,24 @@ def _channel_shape(numel: int, ndim: int, axis: int) -> list[int]:
 
 
 class _QuantDequantInt8(nn.Module):
-    """``x → (cast_f32(cast_i8(clamp(round(x/s) + z', lo, hi))) − z')·s`` with per-tensor s, z'."""
+    """``x → (cast_f32(cast_i8(clamp(round(x/s) + z', lo, hi))) − z')·s``.
 
-    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int) -> None:
+    ``s`` and ``z'`` are per-tensor (``shape=()``) or per-channel, stored already in their
+    broadcast shape (e.g. ``[C, 1, 1]`` for axis 1 of NCHW) so that Relax sees them as plain
+    constants of the dequantize pattern, not behind a reshape.
+    """
+
+    def __init__(
+        self,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        lo: int,
+        hi: int,
+        shape: tuple[int, ...] = (),
+    ) -> None:
         super().__init__()
-        self.register_buffer("scale", scale.reshape(()).float().clone())
-        self.register_buffer("zero_point", zero_point.reshape(()).float().clone())
+        self.register_buffer("scale", scale.reshape(shape).float().clone())
+        self.register_buffer("zero_point", zero_point.reshape(shape).float().clone())
         self.lo, self.hi = float(lo), float(hi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +176,27 @@ def _weight_codes(fq: FakeQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, tor
     return codes, s
 
 
+def _activation_qparam_shape(fq: FakeQuantizer, src: Any) -> tuple[int, ...] | None:
+    """The broadcast shape of an activation quantizer's scale / zero point, or None.
+
+    ``()`` per-tensor; per-channel along ``axis``: ``[C] + [1]·(trailing dims)``, which needs
+    the input's rank for a non-negative axis (from the source node's ``meta["val"]``).
+    """
+    numel = fq.scale.numel()
+    if fq.zero_point.numel() not in (1, numel):
+        return None
+    if numel == 1 and fq.zero_point.numel() == 1:
+        return ()
+    axis = fq.spec.axis
+    if axis < 0:
+        return (numel, *([1] * (-axis - 1)))
+    val = src.meta.get("val") if isinstance(src, fx.Node) else None
+    rank = getattr(val, "ndim", None)
+    if rank is None or axis >= rank:
+        return None
+    return (numel, *([1] * (rank - 1 - axis)))
+
+
 def lower_quantizers(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list[str]]]:
     """A copy of ``gm`` whose FakeQuantizers are explicit int8 quantize/dequantize ATen ops.
 
@@ -188,15 +234,16 @@ def lower_quantizers(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list
                 graph.erase_node(node)
                 report["int8_weight"].append(name)
                 continue
-        if spec.bits <= 8 and fq.scale.numel() == 1 and fq.zero_point.numel() == 1:
+        shape = _activation_qparam_shape(fq, src)
+        if spec.bits <= 8 and shape is not None:
             offset = 0 if spec.symmetric else 2 ** (spec.bits - 1)
             module = _QuantDequantInt8(
-                fq.scale, fq.zero_point - offset, spec.qmin - offset, spec.qmax - offset
+                fq.scale, fq.zero_point - offset, spec.qmin - offset, spec.qmax - offset, shape
             )
             gm.add_submodule(name, module)
             report["int8_activation"].append(name)
         else:
-            report["float"].append(name)  # per-channel activation / > 8 bits: float fake-quant
+            report["float"].append(name)  # > 8 bits / unknown rank: float fake-quant
     graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -332,8 +379,9 @@ def _scalar_int(arr: np.ndarray) -> int | None:
 class IntegerizeStats:
     """What :func:`integerize` did: integer conv2d / matmul counts, and why others stayed float."""
 
-    conv2d: int = 0
+    conv2d: int = 0  # of which ``depthwise_per_channel`` have a per-channel input quantizer
     matmul: int = 0
+    depthwise_per_channel: int = 0
     skipped: list[str] = field(default_factory=list)
 
 
@@ -346,12 +394,12 @@ def _rewrite_conv2d(orig: Any, x: _Operand, w: _Operand, stats: IntegerizeStats)
     why = None
     if tuple(str(s) for s in layouts) != ("NCHW", "OIHW", "NCHW"):
         why = f"layouts {layouts} (need NCHW/OIHW)"
-    elif x.scale.size != 1 or zx is None:
-        why = "per-channel input scale or zero point (the channel is the reduction axis)"
     elif np.any(w.zero != 0):
         why = "weight zero point is not 0"
     elif w.scale.ndim and any(d != 1 for d in w.scale.shape[1:]):
         why = "weight scale varies along the reduction axes"
+    elif x.scale.size != 1 or zx is None:
+        return _rewrite_depthwise_per_channel(orig, x, w, stats)
     if why:
         stats.skipped.append(f"conv2d: {why}")
         return orig
@@ -380,6 +428,103 @@ def _rewrite_conv2d(orig: Any, x: _Operand, w: _Operand, stats: IntegerizeStats)
     scale = scale.reshape(()) if scale.size == 1 else scale.reshape(1, -1, 1, 1)
     stats.conv2d += 1
     return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale, "float32"))
+
+
+def _input_channel_qparams(x: _Operand, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(s_x[C], z'_x[C])`` of an NCHW input whose scale / zero point vary only along axis 1."""
+    if x.ndim != 4:
+        return None
+    params = []
+    for arr in (x.scale, x.zero):
+        if arr.size == 1:
+            params.append(np.full(channels, arr.reshape(()), dtype=np.float32))
+        elif arr.shape == (1, channels, 1, 1):
+            params.append(arr.reshape(channels).astype(np.float32))
+        else:
+            return None
+    scale, zero = params
+    if np.any(zero != np.round(zero)):
+        return None
+    return scale, zero.astype(np.int64)
+
+
+def _valid_tap_sums(codes: np.ndarray, hw: tuple[int, int], attrs: Any, groups: int) -> np.ndarray:
+    """``Σ_{kh,kw} w8[o,0,kh,kw] · mask[h·s + kh·d − p, w·s + kw·d − p]`` as int64 ``[1,O,Ho,Wo]``.
+
+    ``mask`` is 1 on the input and 0 on the padding: the conv of the zero point over the taps
+    that read real input. Integers below 2^53, so the float64 conv is exact.
+    """
+    top, left, bottom, right = (int(p) for p in attrs.padding)
+    mask = torch.ones(1, groups, *hw, dtype=torch.float64)
+    mask = F.pad(mask, (left, right, top, bottom))
+    out = F.conv2d(
+        mask,
+        torch.from_numpy(codes.astype(np.float64)),
+        stride=[int(v) for v in attrs.strides],
+        dilation=[int(v) for v in attrs.dilation],
+        groups=groups,
+    )
+    return np.rint(out.numpy()).astype(np.int64)
+
+
+def _rewrite_depthwise_per_channel(
+    orig: Any, x: _Operand, w: _Operand, stats: IntegerizeStats
+) -> Any:
+    """A depthwise conv with a per-channel (axis 1) input scale and zero point, in int8.
+
+    Output channel ``o`` reads only input channel ``c = o // m`` (``m`` = channel multiplier),
+    so one int8 grouped conv with a per-output-channel rescale is exact::
+
+        y[o] = s_x[c]·s_w[o] · ( conv_i32(pad0(x8), w8)[o] − z'_x[c] · conv(mask, w8)[o] )
+
+    One pad constant cannot be the code of 0.0 of every channel, so the input is padded with
+    int 0 and the padded taps are left out of the zero-point correction instead: ``mask`` is 1
+    on real input positions, and ``conv(mask, w8)`` is a build-time ``[1, O, Ho, Wo]`` int32
+    constant (``[1, O, 1, 1]`` without padding, where it is ``Σ w8[o]``).
+    """
+    from tvm import relax
+
+    attrs = orig.attrs
+    groups = int(attrs.groups)
+    _n, c_in, h, wd = _static_dims(x.q)
+    codes = w.codes
+    why = None
+    if codes is None:
+        why = "per-channel input scale or zero point with a non-constant weight"
+    elif codes.ndim != 4 or codes.shape[1] != 1 or c_in is None or groups != c_in:
+        why = "per-channel input scale or zero point (the channel is the reduction axis)"
+    elif codes.shape[0] % groups:
+        why = "depthwise conv whose output channels are not a multiple of its input channels"
+    elif h is None or wd is None:
+        why = "per-channel input zero point with a dynamic spatial shape"
+    qparams = None if why else _input_channel_qparams(x, c_in)
+    if why is None and qparams is None:
+        why = "input scale / zero point vary along an axis other than the channel, or z is not int"
+    if why:
+        stats.skipped.append(f"conv2d: {why}")
+        return orig
+    sx, zx = qparams
+    multiplier = codes.shape[0] // groups
+    acc = relax.op.nn.conv2d(
+        x.q, w.q, strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
+        groups=groups, data_layout="NCHW", kernel_layout="OIHW", out_layout="NCHW",
+        out_dtype="int32",
+    )  # fmt: skip
+    z_out = np.repeat(zx, multiplier).reshape(1, -1, 1, 1)
+    if np.any(z_out != 0):
+        correction = z_out * _valid_tap_sums(codes, (h, wd), attrs, groups)
+        if np.all(correction == correction[:, :, :1, :1]):  # no padding reached: one per channel
+            correction = correction[:, :, :1, :1]
+        if np.abs(correction).max() > np.iinfo(np.int32).max:
+            stats.skipped.append("conv2d: zero-point correction leaves int32")
+            return orig
+        acc = relax.op.subtract(acc, relax.const(correction.astype(np.int32), "int32"))
+    scale = np.repeat(sx, multiplier) * w.scale.astype(np.float32).reshape(-1)
+    stats.conv2d += 1
+    stats.depthwise_per_channel += 1
+    return relax.op.multiply(
+        relax.op.astype(acc, "float32"), relax.const(scale.reshape(1, -1, 1, 1), "float32")
+    )
 
 
 def _rewrite_matmul(orig: Any, a: _Operand, b: _Operand, stats: IntegerizeStats) -> Any:
@@ -420,6 +565,20 @@ def integerize(func: Any) -> tuple[Any, IntegerizeStats]:
     from tvm.relax.dpl import is_op, rewrite_call
 
     stats = IntegerizeStats()
+    # rewrite_call repeats until nothing changes, so a call left in float is seen once per
+    # round: its reason is kept once per call (keyed by the call object)
+    skipped: dict[Any, list[str]] = {}
+
+    def record(orig: Any, rewrite: Callable[[IntegerizeStats], Any]) -> Any:
+        local = IntegerizeStats()
+        out = rewrite(local)
+        stats.conv2d += local.conv2d
+        stats.matmul += local.matmul
+        stats.depthwise_per_channel += local.depthwise_per_channel
+        if local.skipped:
+            skipped[orig] = local.skipped
+        return out
+
     x, w = _DQPattern(allow_permute=False), _DQPattern(allow_permute=False)
     conv = is_op("relax.nn.conv2d")(x.pattern, w.pattern)
 
@@ -427,7 +586,7 @@ def integerize(func: Any) -> tuple[Any, IntegerizeStats]:
         xo, wo = x.operand(m), w.operand(m)
         if xo is None or wo is None:
             return orig
-        return _rewrite_conv2d(orig, xo, wo, stats)
+        return record(orig, lambda st: _rewrite_conv2d(orig, xo, wo, st))
 
     a, b = _DQPattern(allow_permute=True), _DQPattern(allow_permute=True)
     matmul = is_op("relax.matmul")(a.pattern, b.pattern)
@@ -436,11 +595,12 @@ def integerize(func: Any) -> tuple[Any, IntegerizeStats]:
         ao, bo = a.operand(m), b.operand(m)
         if ao is None or bo is None:
             return orig
-        return _rewrite_matmul(orig, ao, bo, stats)
+        return record(orig, lambda st: _rewrite_matmul(orig, ao, bo, st))
 
     func = rewrite_call(conv, conv_rewriter, func)
     func = rewrite_call(matmul, matmul_rewriter, func)
     func = relax.analysis.remove_all_unused(func)
+    stats.skipped = [why for reasons in skipped.values() for why in reasons]
     return func, stats
 
 
@@ -597,6 +757,7 @@ def build_tvm(
         "input_shape": list(example_input.shape[1:]),
         "ops": ops,
         "integer_conv2d": main.conv2d,
+        "integer_depthwise_per_channel": main.depthwise_per_channel,
         "integer_matmul": main.matmul,
         "float_fallbacks": main.skipped,
         "quantizers": {k: len(v) for k, v in report.items()},

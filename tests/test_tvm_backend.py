@@ -5,8 +5,11 @@ A tiny conv + attention module keeps the TVM builds short; every invariant of
 
 * ``lower_quantizers`` is exact (explicit int8 Q/DQ ATen ops == FakeQuantizer, to the bit);
 * after ``IntegerizeQDQ`` every conv2d / matmul of the Relax IR is int8 × int8 → int32;
-* an op whose quantizer cannot be held in int8 (per-channel activation) stays in float and is
-  reported;
+* per-channel activation quantizers are lowered to int8 codes too (exactly); the ops whose
+  reduction axis carries the channel (conv, linear, matmul) stay in float and are reported once
+  each, while a depthwise conv (``depthwise_per_channel``) runs in int8;
+* a depthwise conv with a per-channel asymmetric input (padding, stride, dilation, channel
+  multiplier, 6-bit codes) built for llvm matches the fake-quant model;
 * the llvm library's logits match the fake-quant GraphModule (dynamic batch);
 * the aarch64 library is an aarch64 ELF (skipped without ``aarch64-linux-gnu-gcc``).
 """
@@ -99,7 +102,27 @@ def test_relax_ir_runs_conv_and_matmul_in_int8(qgm, images):
     assert '"float32") = R.nn.conv2d' not in text
 
 
-def test_per_channel_activation_stays_float_and_is_reported(images):
+def _recipe(name: str = "minmax", a_bits: int | None = None, **insert_args) -> Recipe:
+    """``name`` with extra ``insert_quantizers`` args (and activation options)."""
+    data = get_recipe(name).to_dict()
+    for step in data["passes"]:
+        if step["pass"] == "insert_quantizers":
+            step["args"].update(insert_args)
+            if a_bits is not None:
+                step["args"]["activation"]["bits"] = a_bits
+    data["name"] = f"{name}_test"
+    return Recipe.from_dict(data)
+
+
+def _per_channel_inputs(gm: torch.fx.GraphModule) -> list[hyq_fx.FakeQuantizer]:
+    return [
+        m
+        for m in gm.modules()
+        if isinstance(m, hyq_fx.FakeQuantizer) and m.role == "activation" and m.spec.per_channel
+    ]
+
+
+def test_per_channel_activation_is_int8_only_where_exact(images):
     data = get_recipe("minmax").to_dict()
     for step in data["passes"]:
         if step["pass"] == "insert_quantizers":
@@ -107,13 +130,69 @@ def test_per_channel_activation_stays_float_and_is_reported(images):
     data["name"] = "minmax_per_channel_act"
     gm = _quantize(Recipe.from_dict(data))
     lowered, report = tvm_relax.lower_quantizers(gm)
-    assert report["float"]  # per-channel activation quantizers cannot be int8 per-tensor codes
+    assert len(report["int8_activation"]) == 9 and not report["float"]
     with torch.no_grad():
         torch.testing.assert_close(lowered(images), gm(images), atol=0, rtol=0)
-    mod = tvm_relax.IntegerizeQDQ()(tvm_relax.import_relax(lowered, images))
-    ops = tvm_relax.count_ops(mod)
-    assert "relax.nn.conv2d float32,float32->float32" in ops
-    assert not any("int8" in key for key in ops)
+    stats = {}
+    mod = tvm_relax.IntegerizeQDQ(stats)(tvm_relax.import_relax(lowered, images))
+    # the channel is the reduction axis of the stem conv, the linears and the matmuls: float;
+    # the depthwise conv reads one channel per output channel: int8
+    assert tvm_relax.count_ops(mod) == {
+        "relax.matmul float32,float32->float32": 5,
+        "relax.nn.conv2d float32,float32->float32": 1,
+        "relax.nn.conv2d int8,int8->int32": 1,
+    }
+    main = stats["main"]
+    assert main.conv2d == 1 and main.depthwise_per_channel == 1 and main.matmul == 0
+    assert len(main.skipped) == 6  # one reason per float op, not one per rewrite round
+    assert sum("conv2d" in why for why in main.skipped) == 1
+
+
+class DepthwiseMultiplier(nn.Module):
+    """conv → SiLU → depthwise conv ×2 channels (stride 2, dilation 2, padding 2) → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.dw = nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2, groups=4)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.silu(self.dw(F.silu(self.conv(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("model", "a_bits", "convs", "matmuls"),
+    [(TinyHybrid, 8, 2, 5), (DepthwiseMultiplier, 6, 2, 1)],
+    ids=["tiny_hybrid_a8", "multiplier_a6"],
+)
+def test_depthwise_per_channel_input_runs_in_int8_and_matches(
+    model, a_bits, convs, matmuls, images, tmp_path
+):
+    torch.manual_seed(0)
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    recipe = _recipe(a_bits=a_bits, depthwise_per_channel=True)
+    gm = hyq_fx.quantize(model().eval(), calib, recipe, 8, 8, progress=False)
+    (fq,) = _per_channel_inputs(gm)  # the depthwise conv's input, and only it
+    zero = fq.zero_point.flatten()
+    assert fq.spec.axis == 1 and fq.spec.bits == a_bits and zero.numel() > 1
+    assert len(set(zero.tolist())) > 1 and bool((zero != 0).any())  # z varies per channel
+    stats = {}
+    lowered, _ = tvm_relax.lower_quantizers(gm)
+    mod = tvm_relax.IntegerizeQDQ(stats)(tvm_relax.import_relax(lowered, images))
+    assert tvm_relax.count_ops(mod) == {
+        "relax.matmul int8,int8->int32": matmuls,
+        "relax.nn.conv2d int8,int8->int32": convs,
+    }
+    assert stats["main"].depthwise_per_channel == 1 and not stats["main"].skipped
+    path = tvm_relax.build_tvm(gm, images[:1], FAST_LLVM, tmp_path / "dw.llvm.so")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["integer_depthwise_per_channel"] == 1 and not meta["float_fallbacks"]
+    runner = tvm_relax.TvmRunner(path)
+    with torch.no_grad():
+        ref, out = gm(images), runner(images)
+    assert (out - ref).abs().max().item() < 1e-4
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
 
 
 def test_llvm_library_matches_fake_quant(qgm, images, tmp_path):
