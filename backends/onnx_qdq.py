@@ -7,10 +7,13 @@ Runtime, `onnxruntime.ai/docs/performance/model-optimizations/quantization.html`
     activation:  x̂ = DequantizeLinear(Clip(QuantizeLinear(x, s, z), qmin, qmax), s, z)
     weight:      Ŵ = DequantizeLinear(W_q, s, z, axis),  W_q = clamp(round(W/s) + z, qmin, qmax)
 
-``W_q`` is computed here and stored once as an int8 (symmetric) / uint8 (asymmetric)
-initializer, so the file holds one byte per weight. ``Clip`` is emitted only where the range
-is narrower than the 8-bit container (symmetric ``±127``, or fewer than 8 bits); weights of
-fewer than 8 bits are pre-rounded into the int8 container, so ``DQ(W_q)`` is exact. Symmetric
+``W_q`` is computed here and stored once as an int8 (symmetric) / uint8 (asymmetric) initializer,
+so the file holds one byte per weight. A per-channel activation quantizer (the depthwise conv input
+of ``insert_quantizers(depthwise_per_channel=True)``) is a per-axis pair, ``QuantizeLinear`` /
+``DequantizeLinear`` with ``axis`` and ``[C]`` scale / zero point (ONNX opset ≥ 13); the conv it
+feeds is not requantized (``QLinearConv`` takes one input scale). ``Clip`` is emitted only where
+the range is narrower than the 8-bit container (symmetric ``±127``, or fewer than 8 bits); weights
+of fewer than 8 bits are pre-rounded into the int8 container, so ``DQ(W_q)`` is exact. Symmetric
 activations are stored as uint8 with ``z + 128`` (the same grid), because ONNX Runtime's x86
 integer kernels take uint8 activations.
 

@@ -14,6 +14,7 @@ import torch
 from onnx import numpy_helper
 
 import hyq_fx
+import hyq_fx.recipes
 from hyq_fx.backends.onnx_qdq import ExportError, OnnxRunner, export_onnx_qdq, onnx_node_counts
 from hyq_fx.data import evaluate_top1
 from hyq_fx.quantize import quantizers_mode
@@ -149,6 +150,60 @@ def test_small_model_is_exact_per_quantizer(tmp_path, requantize):
     x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     qgm = hyq_fx.quantize(_Small().eval(), x, "minmax", progress=False)
     path = export_onnx_qdq(qgm, tmp_path / "s.onnx", x[:2], requantize=requantize, opset=21)
+    with torch.no_grad():
+        ref = qgm(x)
+    out = OnnxRunner(path)(x)
+    assert _sqnr_db(ref, out) > 30
+    assert bool((out.argmax(1) == ref.argmax(1)).all())
+
+
+class _Depthwise(torch.nn.Module):
+    """conv → SiLU → depthwise conv ×2 channels (stride 2) → SiLU → pool → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=8)
+        self.fc = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.nn.functional.silu(self.dw(torch.nn.functional.silu(self.c1(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("requantize", ["none", "auto"])
+def test_per_channel_activation_is_per_axis_qdq(tmp_path, requantize):
+    """``depthwise_per_channel``: the depthwise conv's input quantizer (per-channel scale and
+    zero point along axis 1, 6-bit) is one QuantizeLinear / DequantizeLinear pair with
+    ``axis=1`` and [C] scale / zero point, not a float leftover, and ONNX Runtime agrees."""
+    data = hyq_fx.recipes.get_recipe("minmax").to_dict()
+    for step in data["passes"]:
+        if step["pass"] == "insert_quantizers":
+            step["args"]["depthwise_per_channel"] = True
+    data["name"] = "minmax_dw_per_channel"
+    recipe = hyq_fx.recipes.Recipe.from_dict(data)
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    qgm = hyq_fx.quantize(_Depthwise().eval(), x, recipe, w_bits=8, a_bits=6, progress=False)
+    acts = [m for m in qgm.modules() if isinstance(m, hyq_fx.FakeQuantizer) and m.role != "weight"]
+    (fq,) = [m for m in acts if m.spec.per_channel]
+    assert fq.spec.axis == 1 and len(set(fq.zero_point.flatten().tolist())) > 1
+    path = export_onnx_qdq(qgm, tmp_path / "dw.onnx", x[:2], requantize=requantize, calib=x)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quants = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quants) == len(acts)  # every activation quantizer exported, none left float
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    per_axis = [n for n in model.graph.node if n.op_type in qdq and n.input[0] not in inits and
+                any(a.name == "axis" for a in n.attribute)]  # fmt: skip
+    assert sorted(n.op_type for n in per_axis) == ["DequantizeLinear", "QuantizeLinear"]
+    for node in per_axis:
+        assert next(a.i for a in node.attribute if a.name == "axis") == 1
+        scale, zero = inits[node.input[1]], inits[node.input[2]]
+        np.testing.assert_array_equal(scale, fq.scale.flatten().numpy())
+        assert zero.dtype == np.uint8
+        np.testing.assert_array_equal(zero, fq.zero_point.flatten().numpy().astype(np.uint8))
     with torch.no_grad():
         ref = qgm(x)
     out = OnnxRunner(path)(x)
