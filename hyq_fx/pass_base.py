@@ -194,6 +194,18 @@ def record_node_outputs(
     return found
 
 
+def first_images(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The calibration batches cut to their first ``n`` images in all."""
+    out: list[torch.Tensor] = []
+    kept = 0
+    for batch in batches:
+        if kept >= n:
+            break
+        out.append(batch[: n - kept])
+        kept += out[-1].shape[0]
+    return out
+
+
 def quantizers(gm: fx.GraphModule) -> dict[str, FakeQuantizer]:
     return {n: m for n, m in gm.named_modules() if isinstance(m, FakeQuantizer)}
 

@@ -66,6 +66,15 @@ def _activation_axis(op: fx.Node, index: int) -> int:
     return -1 if index == 0 else -2
 
 
+def _is_depthwise(op: fx.Node) -> bool:
+    """A conv whose every output channel reads one input channel: its requantization is per
+    channel anyway, so a per-channel input scale costs nothing in integer arithmetic."""
+    if op.target is not aten.conv2d.default or len(op.args) < 7:
+        return False
+    weight = op.args[1].meta.get("val") if isinstance(op.args[1], fx.Node) else None
+    return weight is not None and weight.shape[1] == 1 and op.args[6] > 1
+
+
 def _weight_axis(op: fx.Node, index: int) -> int:
     return 0 if op.target in (aten.conv2d.default, aten.linear.default) or index == 0 else -1
 
@@ -84,6 +93,7 @@ class InsertQuantizers(HyqPass):
         weight: dict[str, Any] | None = None,
         activation: dict[str, Any] | None = None,
         skip: tuple[str, ...] | list[str] = (),
+        depthwise_per_channel: bool = False,
     ) -> None:
         super().__init__(ctx)
         if isinstance(ops, str):
@@ -95,6 +105,7 @@ class InsertQuantizers(HyqPass):
         self.weight = {**WEIGHT_DEFAULT, **(weight or {})}
         self.activation = {**ACTIVATION_DEFAULT, **(activation or {})}
         self.skip = tuple(skip)
+        self.depthwise_per_channel = depthwise_per_channel
         # validate now, so a bad recipe fails before any work
         _spec(self.weight, self.ctx.w_bits, 0, "weight")
         _spec(self.activation, self.ctx.a_bits, 0, "activation")
@@ -111,6 +122,8 @@ class InsertQuantizers(HyqPass):
         else:
             axis = _activation_axis(op, index)
             spec, obs = _spec(self.activation, self.ctx.a_bits, axis, "activation")
+            if self.depthwise_per_channel and index == 0 and _is_depthwise(op):
+                spec = spec.replace(per_channel=True)
         key = (src, spec, obs)
         if key not in cache:
             role = "weight" if is_weight else "activation"

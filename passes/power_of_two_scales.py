@@ -36,7 +36,15 @@ import torch
 from torch import fx
 
 from hyq_fx.fake_quant import SCALE_EPS
-from hyq_fx.pass_base import HyqPass, PassError, PassResult, get_tensor, quantizers, register_pass
+from hyq_fx.pass_base import (
+    HyqPass,
+    PassError,
+    PassResult,
+    first_images,
+    get_tensor,
+    quantizers,
+    register_pass,
+)
 from hyq_fx.quantizer import FakeQuantizer
 from hyq_fx.spec import QuantSpec
 
@@ -342,13 +350,7 @@ class PowerOfTwoScales(HyqPass):
         selected = self._selected(gm)
         if not selected:
             return PassResult(gm, False)
-        batches, kept = [], 0
-        for b in self.ctx.calib_batches:
-            batches.append(b[: self.max_images - kept])
-            kept += batches[-1].shape[0]
-            if kept >= self.max_images:
-                break
-        x = torch.cat(batches)
+        x = torch.cat(first_images(self.ctx.calib_batches, self.max_images))
         pending = set(selected)
 
         def decide(node: fx.Node, value: torch.Tensor, evals) -> None:

@@ -127,9 +127,12 @@ def find_bridge_blocks(gm: fx.GraphModule, kinds: tuple[str, ...] = KINDS) -> li
                 end = next((q for q in qops if order[q] > order[first] and q in reach), None)
                 if end is None:
                     continue
-                ops = [q for q in qops if order[q] <= order[end] and _within(_path(q), module)] + (
-                    [end] if not _within(_path(end), module) else []
-                )
+                if module:
+                    ops = [q for q in qops if order[q] <= order[end] and _within(_path(q), module)]
+                    ops += [] if _within(_path(end), module) else [end]
+                else:  # no enclosing module: from the op that produces the crossing tensor
+                    start = max((order[q] for q in qops if order[q] <= order[entry]), default=0)
+                    ops = [q for q in qops if start <= order[q] <= order[end]]
             else:
                 before = [a for a in soft if order[a] < order[entry]]
                 consumers = [q for q in qops if q in _descendants(exit_)]
@@ -137,10 +140,13 @@ def find_bridge_blocks(gm: fx.GraphModule, kinds: tuple[str, ...] = KINDS) -> li
                     continue
                 last = before[-1]
                 module = _common(_path(last), _path(consumers[0]))
-                ops = [q for q in qops if order[q] > order[last] and _within(_path(q), module)]
-                ops = ops if module else [q for q in ops if order[q] <= order[consumers[0]]]
+                ops = [q for q in qops if order[q] > order[last]]
+                if module:
+                    ops = [q for q in ops if _within(_path(q), module)]
+                else:  # no enclosing module: up to the first op on the conv side
+                    ops = [q for q in ops if order[q] <= order[consumers[0]]]
             if ops:
-                blocks.append(_make_block(gm, t.kind, module, ops, order))
+                blocks.append(make_block(gm, t.kind, module, ops, order))
     return sorted(blocks, key=lambda b: order[b.ops[0]])
 
 
@@ -156,7 +162,7 @@ def _is_tensor(node: fx.Node) -> bool:
     return val is None or isinstance(val, torch.Tensor)
 
 
-def _make_block(gm, kind: str, module: str, ops: list[fx.Node], order) -> Block:
+def make_block(gm, kind: str, module: str, ops: list[fx.Node], order) -> Block:
     """The nodes between the block's first activation quantizer and its last op that feed its
     ops (weight quantizers wherever they sit), its inputs and its outputs."""
     acts = [a for op in ops for a in op.all_input_nodes if not _constant(a)]
@@ -254,14 +260,14 @@ class ReconstructBridgeBlocks(HyqPass):
         modified = False
         bar = tqdm(blocks, desc="reconstruct", disable=not self.ctx.progress, leave=False)
         for block in bar:
-            record = self._reconstruct(gm, block, batches)
+            record = self.reconstruct(gm, block, batches)
             modified |= record["loss_after"] < record["loss_before"]
             for op in block.ops:
                 op.meta["hyq_reconstruct"] = record
             self.ctx.log.append({"pass": self.name, **record})
         return PassResult(gm, modified)
 
-    def _reconstruct(self, gm, block: Block, batches) -> dict[str, Any]:
+    def reconstruct(self, gm, block: Block, batches) -> dict[str, Any]:
         sub = extract_block(gm, block)
         fq_names = [
             n.target

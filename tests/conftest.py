@@ -21,6 +21,15 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture()
+def one_thread():
+    """Small ops on a shared, loaded machine run faster (and steadier) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def xxs_model() -> torch.nn.Module:
     torch.manual_seed(0)

@@ -35,13 +35,7 @@ from hyq_fx.spec import QuantSpec
 aten = torch.ops.aten
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small ops on a shared, loaded machine run faster (and steadier) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyHybrid(nn.Module):

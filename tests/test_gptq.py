@@ -1,0 +1,152 @@
+"""round_weights_gptq (GPTQ weight rounding), depthwise per-channel inputs, reconstruct_blocks.
+
+All three are approximate rewrites, so the tests check measured gains against the baseline
+they replace (round-to-nearest, per-tensor depthwise inputs, untuned scales) and that what they
+install is well-formed (weights on their quantizer's grid, per-channel specs where promised).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import hyq_fx
+from hyq_fx.pass_base import PassError, QuantContext, get_pass, get_tensor, quantizers
+from hyq_fx.passes.reconstruct_blocks import partition_blocks
+from hyq_fx.passes.round_weights_gptq import gptq_round
+from hyq_fx.quantize import quantizers_mode
+from hyq_fx.recipes import Recipe, get_recipe
+from hyq_fx.report import sqnr_db
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Bottleneck(nn.Module):
+    """Conv stem, an inverted bottleneck (1x1 expand, depthwise 3x3, 1x1 project), a head.
+
+    The expansion's output channels get very different ranges, as in MobileViT's MV2 blocks.
+    """
+
+    def __init__(self, c: int = 8, e: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), nn.BatchNorm2d(c), nn.SiLU())
+        self.expand = nn.Sequential(nn.Conv2d(c, e, 1), nn.BatchNorm2d(e), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(e, e, 3, 1, 1, groups=e), nn.BatchNorm2d(e), nn.SiLU())
+        self.project = nn.Conv2d(e, c, 1)
+        self.head = nn.Linear(c, 10)
+        with torch.no_grad():  # channel ranges spread over two orders of magnitude
+            spread = torch.logspace(-1, 1, e)[torch.randperm(e)]
+            self.expand[1].weight.mul_(spread)
+            self.expand[1].bias.mul_(spread)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.project(self.dw(self.expand(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = Bottleneck()
+    with torch.no_grad():  # settle the BN statistics on the data distribution
+        model.train()
+        for _ in range(5):
+            model(torch.randn(32, 3, 16, 16))
+    return model.eval()
+
+
+def _recipe(base: str, extra: list[dict], **insert_args) -> Recipe:
+    data = get_recipe(base).to_dict()
+    for step in data["passes"]:
+        if step["pass"] == "insert_quantizers":
+            step["args"].update(insert_args)
+    data["passes"] += extra
+    data["name"] = "test"
+    return Recipe.from_dict(data)
+
+
+def _logit_sqnr(gm: torch.fx.GraphModule, model: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(sqnr_db(model(x), gm(x)))
+
+
+@pytest.fixture(scope="module")
+def data():
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(64, 3, 16, 16, generator=gen), torch.randn(64, 3, 16, 16, generator=gen)
+
+
+def test_gptq_round_beats_round_to_nearest_on_correlated_inputs():
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(24, 24, generator=gen)
+    x = mix @ torch.randn(24, 2000, generator=gen)  # strongly correlated input columns
+    w = torch.randn(16, 24, generator=gen)
+    scale = w.abs().amax(1) / 7
+    h = x @ x.t()
+    q = gptq_round(w, h, scale, -7, 7, damp=0.01).float()
+    rtn = torch.clamp(torch.round(w / scale[:, None]), -7, 7) * scale[:, None]
+    on_grid = q / scale[:, None]
+    assert torch.allclose(on_grid, on_grid.round(), atol=1e-4) and on_grid.abs().max() <= 7
+    err_gptq = ((q - w) @ x).square().sum()
+    err_rtn = ((rtn - w) @ x).square().sum()
+    assert err_gptq < 0.7 * err_rtn, (float(err_gptq), float(err_rtn))
+
+
+def test_gptq_pass_lowers_the_logit_error_and_keeps_weights_on_grid(data):
+    calib, test = data
+    model = _model()
+    rtn = hyq_fx.quantize(model, calib, "minmax", 4, 8, progress=False)
+    gptq = hyq_fx.quantize(
+        model, calib, _recipe("minmax", [{"pass": "round_weights_gptq"}]), 4, 8, progress=False
+    )
+    assert _logit_sqnr(gptq, model, test) > _logit_sqnr(rtn, model, test) + 1.0
+    for node in gptq.graph.nodes:
+        fq = gptq.get_submodule(node.target) if node.op == "call_module" else None
+        if fq is not None and fq.role == "weight":
+            w = get_tensor(gptq, node.args[0])
+            with quantizers_mode(gptq, "quantize"):
+                assert torch.equal(fq(w), w), node.target  # already on the grid: Q(Ŵ) = Ŵ
+
+
+def test_gptq_needs_calibrated_weight_quantizers():
+    gm = hyq_fx.capture(nn.Sequential(nn.Conv2d(3, 4, 1)).eval(), torch.randn(2, 3, 4, 4))
+    ctx = QuantContext([torch.randn(2, 3, 4, 4)])
+    get_pass("insert_quantizers")(ctx)(gm)
+    with pytest.raises(PassError, match="calibrate"):
+        get_pass("round_weights_gptq")(ctx)(gm)
+    with pytest.raises(PassError, match="damp"):
+        get_pass("round_weights_gptq")(ctx, damp=2.0)
+
+
+def test_depthwise_inputs_per_channel_beat_per_tensor_at_4_bits(data):
+    calib, test = data
+    model = _model()
+    per_tensor = hyq_fx.quantize(model, calib, "minmax", 8, 4, progress=False)
+    recipe = _recipe("minmax", [], depthwise_per_channel=True)
+    per_channel = hyq_fx.quantize(model, calib, recipe, 8, 4, progress=False)
+    dw_inputs = [
+        fq for name, fq in quantizers(per_channel).items() if fq.role == "activation"
+        and fq.spec.per_channel
+    ]  # fmt: skip
+    assert len(dw_inputs) == 1 and dw_inputs[0].spec.axis == 1
+    assert dw_inputs[0].scale.numel() == 32
+    assert _logit_sqnr(per_channel, model, test) > _logit_sqnr(per_tensor, model, test) + 1.0
+
+
+def test_reconstruct_blocks_lowers_every_block_and_the_logit_error(data):
+    calib, test = data
+    model = _model()
+    base = hyq_fx.quantize(model, calib, "minmax", 4, 4, progress=False)
+    tuned = copy.deepcopy(base)
+    ctx = QuantContext(list(calib.split(16)), w_bits=4, a_bits=4, progress=False)
+    blocks = partition_blocks(tuned, depth=1)
+    assert [b.module for b in blocks] == ["stem", "expand", "dw", "project", "head"]
+    get_pass("reconstruct_blocks")(ctx, steps=60, lr=1e-2, depth=1, weights=True)(tuned)
+    records = [e for e in ctx.log if e.get("pass") == "reconstruct_blocks"]
+    assert len(records) == 5
+    assert all(r["loss_after"] <= r["loss_before"] for r in records), records
+    assert any(r["loss_after"] < r["loss_before"] for r in records), records
+    assert _logit_sqnr(tuned, model, test) > _logit_sqnr(base, model, test)
