@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
+from hyq_fx.artifact import atomic_output_file
 from hyq_fx.quantize import quantizers_mode
 from hyq_fx.quantizer import FakeQuantizer
 
@@ -1187,8 +1188,8 @@ def export_onnx_qdq(
     if check:
         onnx.checker.check_model(model, full_check=True)
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(out))
+    with atomic_output_file(out) as tmp:  # an interrupted export leaves no partial file
+        onnx.save(model, str(tmp))
     return out
 
 

@@ -718,10 +718,12 @@ def build_tvm(
     ``dynamic_batch`` keeps the batch dimension symbolic (one library for any batch size); with
     False the library runs only ``example_input``'s batch size (``TvmRunner`` pads to it).
     Kernels use TVM's default (untuned) schedules. Writes ``out_path`` and a ``.json`` beside
-    it (target, input shape, op counts, build seconds, the model's preprocessing).
+    it (target, input shape, op counts, build seconds, the model's preprocessing), each through
+    a temporary file renamed at the end.
     """
     import tvm
 
+    from hyq_fx.artifact import atomic_output_file
     from hyq_fx.quantize import META_KEY, quantizers_mode
 
     if not isinstance(gm, fx.GraphModule):
@@ -745,26 +747,30 @@ def build_tvm(
     ops = count_ops(mod)
     with tvm_target:
         executable = tvm.compile(mod, target=tvm_target)
-    _export(executable, out_path, name)
-    main = stats.get("main", IntegerizeStats())
-    meta = {
-        "format": "hyq-fx tvm-relax 1",
-        "target": name,
-        "target_config": str(tvm_target),
-        "integer": integer,
-        "dynamic_batch": dynamic_batch,
-        "batch": None if dynamic_batch else int(example_input.shape[0]),
-        "input_shape": list(example_input.shape[1:]),
-        "ops": ops,
-        "integer_conv2d": main.conv2d,
-        "integer_depthwise_per_channel": main.depthwise_per_channel,
-        "integer_matmul": main.matmul,
-        "float_fallbacks": main.skipped,
-        "quantizers": {k: len(v) for k, v in report.items()},
-        "build_seconds": round(time.perf_counter() - start, 2),
-        "model_info": dict(gm.meta.get(META_KEY, {}).get("model_info", {})),
-    }
-    _metadata_path(out_path).write_text(json.dumps(meta, indent=2, default=str))
+    # the library and its .json go to temporary files renamed at the end (the .json just
+    # before the library): an interrupted export leaves no partial file under their names
+    with atomic_output_file(out_path) as tmp_lib:
+        _export(executable, tmp_lib, name)
+        main = stats.get("main", IntegerizeStats())
+        meta = {
+            "format": "hyq-fx tvm-relax 1",
+            "target": name,
+            "target_config": str(tvm_target),
+            "integer": integer,
+            "dynamic_batch": dynamic_batch,
+            "batch": None if dynamic_batch else int(example_input.shape[0]),
+            "input_shape": list(example_input.shape[1:]),
+            "ops": ops,
+            "integer_conv2d": main.conv2d,
+            "integer_depthwise_per_channel": main.depthwise_per_channel,
+            "integer_matmul": main.matmul,
+            "float_fallbacks": main.skipped,
+            "quantizers": {k: len(v) for k, v in report.items()},
+            "build_seconds": round(time.perf_counter() - start, 2),
+            "model_info": dict(gm.meta.get(META_KEY, {}).get("model_info", {})),
+        }
+        with atomic_output_file(_metadata_path(out_path)) as tmp_meta:
+            tmp_meta.write_text(json.dumps(meta, indent=2, default=str))
     return out_path
 
 

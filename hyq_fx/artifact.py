@@ -42,6 +42,30 @@ def is_artifact(path: str | Path) -> bool:
 
 
 @contextlib.contextmanager
+def atomic_output_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` that is renamed to ``path`` if the block completes.
+
+    The temporary file sits in the same directory (so the rename is atomic on POSIX) and keeps
+    the suffix (TVM's ``export_library`` picks the linker from it). An interrupted write (an
+    error, Ctrl-C) removes it and leaves ``path`` as it was: no partial file under the name.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.stem}.partial-", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp makes it private; an exported file is an ordinary one
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a staging directory that becomes ``out_dir`` only if the block completes.
 

@@ -5,6 +5,7 @@ what the fake-quant GraphModule computes."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -209,6 +210,29 @@ def test_per_channel_activation_is_per_axis_qdq(tmp_path, requantize):
     out = OnnxRunner(path)(x)
     assert _sqnr_db(ref, out) > 30
     assert bool((out.argmax(1) == ref.argmax(1)).all())
+
+
+def test_interrupted_export_leaves_no_partial_file(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    qgm = hyq_fx.quantize(_Small().eval(), x, "minmax", progress=False)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous export")
+    real_save = onnx.save
+
+    def save_then_fail(model, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a model")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(onnx, "save", save_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_onnx_qdq(qgm, path, x[:1])
+    assert path.read_bytes() == b"previous export"  # untouched, and no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    monkeypatch.setattr(onnx, "save", real_save)
+    export_onnx_qdq(qgm, path, x[:1])
+    onnx.checker.check_model(onnx.load(str(path)))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
 def test_runner_works_with_evaluate_top1(exported, inputs):

@@ -217,6 +217,28 @@ def _tiny_conv_linear() -> torch.fx.GraphModule:
     return hyq_fx.quantize(model.eval(), torch.randn(4, 3, 4, 4), "minmax", progress=False)
 
 
+def test_interrupted_build_leaves_no_partial_library(tmp_path, monkeypatch):
+    gm = _tiny_conv_linear()
+    real_export = tvm_relax._export
+
+    def export_then_fail(executable, out_path, name):
+        out_path.write_bytes(b"half a library")
+        raise RuntimeError("linker killed")
+
+    monkeypatch.setattr(tvm_relax, "_export", export_then_fail)
+    with pytest.raises(RuntimeError, match="linker killed"):
+        tvm_relax.build_tvm(gm, torch.randn(1, 3, 4, 4), FAST_LLVM, tmp_path / "m.llvm.so")
+    assert not any(tmp_path.iterdir())  # neither the library, its .json nor a temporary file
+    monkeypatch.setattr(tvm_relax, "_export", real_export)
+    path = tvm_relax.build_tvm(gm, torch.randn(1, 3, 4, 4), FAST_LLVM, tmp_path / "m.llvm.so")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.llvm.json", "m.llvm.so"]
+    assert tvm_relax.is_tvm_library(path)
+    torch.testing.assert_close(
+        tvm_relax.TvmRunner(path)(torch.ones(2, 3, 4, 4)), gm(torch.ones(2, 3, 4, 4)), atol=1e-4,
+        rtol=0,
+    )  # fmt: skip
+
+
 def test_aarch64_library_is_an_aarch64_elf(tmp_path):
     if shutil.which(tvm_relax.CROSS_CC["aarch64"]) is None:
         pytest.skip(
