@@ -28,8 +28,8 @@ Such candidates are detected, recorded and not chosen (another granularity or sc
 The chosen spec replaces the quantizer (a new FakeQuantizer under the same module name, scale
 and zero-point set, quantizing); ``node.meta["hyq_choice"]`` of the quantizer's node (and of each
 consumer op, by quantizer name) says why. Quantizers it cannot handle stay for ``calibrate``.
-Invariant checked by the tests: the Fisher-weighted output error, and the model output SQNR,
-are better than with min-max per-tensor calibration; overflow candidates are never chosen.
+Invariant checked by the tests: the model output SQNR beats min-max calibration, the chosen
+candidate has the least searched error, and overflowing candidates are never chosen.
 """
 
 from __future__ import annotations
@@ -517,20 +517,21 @@ class SelectGranularityAndScheme(HyqPass):
                 if op.fq[i] is not None:
                     uses.setdefault(op.fq[i], []).append((op, i))
         acts = [n for n in uses if fq_mods[n].role == "activation"]
-        wts = [n for n in uses if fq_mods[n].role == "weight"] if self.weights else []
-        for n in wts:
-            w = fq_mods[n].spec
-            if w.per_channel and w.axis != 0:
-                raise PassError(
-                    f"select_granularity_and_scheme: weight quantizer '{n}' is per-channel along "
-                    f"axis {w.axis}; only per-output-channel (axis 0) weights are supported "
-                    "(set weights=false to leave weights to calibrate)"
-                )
+        all_wts = [n for n in uses if fq_mods[n].role == "weight"]
+        odd = [n for n in all_wts if fq_mods[n].spec.per_channel and fq_mods[n].spec.axis != 0]
+        if odd and self.weights:
+            raise PassError(
+                f"select_granularity_and_scheme: weight quantizer '{odd[0]}' is per-channel "
+                f"along axis {fq_mods[odd[0]].spec.axis}; only per-output-channel (axis 0) "
+                "weights are supported (set weights=false to leave weights to calibrate)"
+            )
+        all_wts = [n for n in all_wts if n not in odd]  # those stay float during the search
+        wts = all_wts if self.weights else []
+        current: dict[str, _Choice] = {}
+        for n in all_wts:  # weights start at min-max of their own spec (and stay, if not searched)
             wt = next(t for t in gm.graph.nodes if t.op == "call_module" and t.target == n)
             stats[n] = _Stats()
             stats[n].update(get_tensor(gm, wt.args[0]).detach(), 0)
-        current: dict[str, _Choice] = {}
-        for n in wts:  # start weights at min-max of their own spec
             base, zp, _ = _base_qparams(stats[n], fq_mods[n].spec)
             current[n] = _Choice(fq_mods[n].spec, base, zp, math.inf)
         records: dict[str, dict[str, Any]] = {n: {"rounds": []} for n in acts + wts}

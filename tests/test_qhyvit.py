@@ -14,7 +14,7 @@ from torch import nn
 
 import hyq_fx
 from hyq_fx.pass_base import PassError, QuantContext, get_pass, quantizers, record_node_outputs
-from hyq_fx.passes.reconstruct_bridge_blocks import find_bridge_blocks
+from hyq_fx.passes.reconstruct_bridge_blocks import KINDS, find_bridge_blocks
 from hyq_fx.passes.select_granularity_and_scheme import _base_qparams, _Stats
 from hyq_fx.quantize import quantizers_mode
 from hyq_fx.recipes import get_recipe
@@ -198,6 +198,18 @@ def test_reconstruct_lowers_bridge_block_error(xxs64):
     records = [op.meta["hyq_reconstruct"] for b in blocks for op in b.ops]
     assert all(r["loss_after"] < r["loss_before"] for r in records)
     json.dumps(records)
+
+
+def test_reconstruct_both_kinds_on_a_model_without_block_modules(tiny_pair):
+    _, minmax, _ = tiny_pair
+    gm = copy.deepcopy(minmax)
+    blocks = find_bridge_blocks(gm)
+    assert {b.kind for b in blocks} == {"conv->transformer", "transformer->conv"}
+    ctx = QuantContext(list(_data(16, 0).split(8)), w_bits=4, a_bits=4, progress=False)
+    get_pass("reconstruct_bridge_blocks")(ctx, steps=10, lr=1e-2, kinds=list(KINDS))(gm)
+    records = [e for e in ctx.log if e.get("pass") == "reconstruct_bridge_blocks"]
+    assert len(records) == 2
+    assert all(r["loss_after"] < r["loss_before"] for r in records), records
 
 
 def test_reconstruct_needs_calibrated_quantizers():
