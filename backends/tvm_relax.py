@@ -176,11 +176,29 @@ def _weight_codes(fq: FakeQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, tor
     return codes, s
 
 
-def _activation_qparam_shape(fq: FakeQuantizer, src: Any) -> tuple[int, ...] | None:
+_INPUT_RANKS = {torch.ops.aten.conv2d.default: 4, torch.ops.aten.conv1d.default: 3}
+
+
+def _input_rank(node: fx.Node) -> int | None:
+    """The rank of a quantizer's input: from ``meta["val"]`` (a captured graph) or, where that
+    is gone (a graph loaded from ``graph.json``), from a conv consuming it as its input."""
+    for n in (node, node.args[0]):
+        val = n.meta.get("val") if isinstance(n, fx.Node) else None
+        if getattr(val, "ndim", None) is not None:
+            return int(val.ndim)
+    for user in node.users:
+        if user.op == "call_function" and user.args and user.args[0] is node:
+            rank = _INPUT_RANKS.get(user.target)
+            if rank is not None:
+                return rank
+    return None
+
+
+def _activation_qparam_shape(fq: FakeQuantizer, node: fx.Node) -> tuple[int, ...] | None:
     """The broadcast shape of an activation quantizer's scale / zero point, or None.
 
     ``()`` per-tensor; per-channel along ``axis``: ``[C] + [1]·(trailing dims)``, which needs
-    the input's rank for a non-negative axis (from the source node's ``meta["val"]``).
+    the input's rank for a non-negative axis (:func:`_input_rank`).
     """
     numel = fq.scale.numel()
     if fq.zero_point.numel() not in (1, numel):
@@ -190,8 +208,7 @@ def _activation_qparam_shape(fq: FakeQuantizer, src: Any) -> tuple[int, ...] | N
     axis = fq.spec.axis
     if axis < 0:
         return (numel, *([1] * (-axis - 1)))
-    val = src.meta.get("val") if isinstance(src, fx.Node) else None
-    rank = getattr(val, "ndim", None)
+    rank = _input_rank(node)
     if rank is None or axis >= rank:
         return None
     return (numel, *([1] * (rank - 1 - axis)))
@@ -234,7 +251,7 @@ def lower_quantizers(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list
                 graph.erase_node(node)
                 report["int8_weight"].append(name)
                 continue
-        shape = _activation_qparam_shape(fq, src)
+        shape = _activation_qparam_shape(fq, node)
         if spec.bits <= 8 and shape is not None:
             offset = 0 if spec.symmetric else 2 ** (spec.bits - 1)
             module = _QuantDequantInt8(

@@ -173,6 +173,8 @@ def test_depthwise_per_channel_input_runs_in_int8_and_matches(
     calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     recipe = _recipe(a_bits=a_bits, depthwise_per_channel=True)
     gm = hyq_fx.quantize(model().eval(), calib, recipe, 8, 8, progress=False)
+    hyq_fx.artifact.save(gm, tmp_path / "q")  # the CLI path: graph.json holds no meta["val"]
+    gm = hyq_fx.artifact.load(tmp_path / "q")
     (fq,) = _per_channel_inputs(gm)  # the depthwise conv's input, and only it
     zero = fq.zero_point.flatten()
     assert fq.spec.axis == 1 and fq.spec.bits == a_bits and zero.numel() > 1
