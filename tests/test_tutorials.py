@@ -12,6 +12,10 @@ import pytest
 TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("[0-9][0-9]_*.py"))
 
 
+def test_all_five_walkthroughs_are_collected():
+    assert {"01", "02", "03", "04", "05"} <= {t.stem[:2] for t in TUTORIALS}
+
+
 @pytest.mark.parametrize("script", TUTORIALS, ids=[t.stem for t in TUTORIALS])
 def test_tutorial_runs(script, tmp_path):
     env = {**os.environ, "HYQ_TUTORIAL_OUT": str(tmp_path), "MPLBACKEND": "Agg"}
