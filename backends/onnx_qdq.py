@@ -65,6 +65,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
 from hyq_fx.artifact import atomic_output_file
+from hyq_fx.lowering import lower_for_export
 from hyq_fx.quantize import quantizers_mode
 from hyq_fx.quantizer import FakeQuantizer
 
@@ -232,8 +233,9 @@ class _Builder:
         return name
 
     def init(self, array: np.ndarray, base: str) -> str:
+        # copy(order="C"), not ascontiguousarray: that turns a 0-d index into shape [1]
         name = self.fresh(base)
-        self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        self.inits[name] = numpy_helper.from_array(np.asarray(array).copy(order="C"), name)
         return name
 
     def const(self, value: Any, dtype: Any = np.float32) -> str:
@@ -702,6 +704,8 @@ for _t, _o in [
     ((aten.mul.Tensor, aten.mul.Scalar), "Mul"),
     ((aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode), "Div"),
     ((aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor), "Pow"),
+    ((aten.maximum.default,), "Max"),
+    ((aten.minimum.default,), "Min"),
 ]:
     _handles(*_t)(_binary(_o))
 
@@ -1109,6 +1113,7 @@ def export_onnx_qdq(
         raise ExportError(f"opset={opset}; use {MIN_OPSET}..{MAX_OPSET} (LayerNormalization ≥ 17)")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise ExportError("example_input must be an image batch tensor [N, C, H, W]")
+    gm = lower_for_export(gm, example_input)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise ExportError(f"the module takes {len(placeholders)} inputs; only one is supported")

@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from hyq_fx.lowering import lower_for_export
 from hyq_fx.quantizer import FakeQuantizer
 
 __all__ = [
@@ -698,6 +699,52 @@ def _target_name(target: Any) -> str:
     return "aarch64" if triple.startswith("aarch64") else target.kind.name
 
 
+def _cuda_pipeline(target: Any) -> Any:
+    """TVM's CUDA pipeline, but a dlight rule that fails on a kernel hands it to the next rule.
+
+    TVM 0.27's ``dlight.gpu.Matmul`` (int8 tensorization) raises a ScheduleError on some fused
+    int8 1x1 convolutions (``compute-at``: "not a stage pipeline"); the kernel then gets the
+    GEMV / reduction / fallback schedule instead of failing the whole build.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cuda import pipeline as cuda_backend
+    from tvm.s_tir import dlight as dl
+
+    class Tolerant(dl.ScheduleRule):
+        def __init__(self, rule: Any) -> None:
+            self.rule = rule
+
+        def apply(self, func: Any, tgt: Any, tunable: bool) -> Any:
+            try:
+                return self.rule.apply(func, tgt, tunable)
+            except Exception:  # a rule bug: let the next rule schedule this kernel
+                return None
+
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
+    legalize = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        dl.ApplyDefaultSchedule(*[Tolerant(r) for r in rules], dl.gpu.Fallback()),
+    ]
+
+    @tvm.transform.module_pass(opt_level=0, name="hyq.CudaPipeline")
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            seq = tvm.transform.Sequential(
+                cuda_backend.library_dispatch_passes(target)
+                + legalize
+                + cuda_backend.dataflow_lower_passes(target)
+                + cuda_backend.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
 def _export(executable: Any, out_path: Path, name: str) -> None:
     from tvm.support import cc as tvm_cc
 
@@ -752,6 +799,7 @@ def build_tvm(
     out_path = Path(out_path)
     start = time.perf_counter()
     example_input = example_input.detach().float().cpu()
+    gm = lower_for_export(gm, example_input)
     if integer:
         lowered, report = lower_quantizers(gm)
     else:
@@ -762,8 +810,9 @@ def build_tvm(
     if integer:
         mod = IntegerizeQDQ(stats)(mod)
     ops = count_ops(mod)
+    pipeline = _cuda_pipeline(tvm_target) if name == "cuda" else "default"
     with tvm_target:
-        executable = tvm.compile(mod, target=tvm_target)
+        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
     # the library and its .json go to temporary files renamed at the end (the .json just
     # before the library): an interrupted export leaves no partial file under their names
     with atomic_output_file(out_path) as tmp_lib:

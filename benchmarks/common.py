@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -67,8 +68,16 @@ class ResultStore:
         return self.data["rows"][key]
 
     def put(self, key: str, row: dict[str, Any]) -> None:
-        self.data["rows"][key] = row
-        self.save()
+        """Add a row; rows that other processes saved meanwhile are kept (runs may go in
+        parallel, e.g. one per model)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                on_disk = json.loads(self.path.read_text()).get("rows", {})
+                self.data["rows"] = {**on_disk, **self.data["rows"]}
+            self.data["rows"][key] = row
+            self.save()
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import copy
 import math
 import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -21,7 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import hyq_fx
 import hyq_fx.models.mobile_former as mf
+from hyq_fx.backends.onnx_qdq import OnnxRunner, export_onnx_qdq
 from hyq_fx.graph import find_transitions
+from hyq_fx.lowering import lower_for_export
 from hyq_fx.pass_base import quantizers
 from hyq_fx.report import sqnr_db
 
@@ -36,6 +39,9 @@ PAPER = {
     "mobile_former_508m": (508, 14.0),
 }
 _TOKEN_SIDE = (mf.MobileToFormer, mf.FormerToMobile, mf.Former)
+
+
+aten = torch.ops.aten
 
 
 def count_madds(model: mf.MobileFormer, size: int = 224) -> tuple[int, int]:
@@ -180,3 +186,25 @@ def test_quantize_w8a8_end_to_end(model, captured, images, monkeypatch):
         ref, out = model(images[4:]), qgm(images[4:])
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert sqnr_db(ref, out) > 15.0
+
+
+def test_lowering_for_export_is_exact(captured, images):
+    lowered = lower_for_export(captured)
+    targets = {n.target for n in lowered.graph.nodes if n.op == "call_function"}
+    assert aten.channel_shuffle.default not in targets and aten.relu6.default not in targets
+    with torch.no_grad():
+        assert torch.equal(lowered(images[:3]), captured(images[:3]))
+
+
+def test_default_recipe_exports_to_onnx(model, captured, images, monkeypatch, tmp_path):
+    """The default recipe at W8A8, then the ONNX QDQ file in onnxruntime."""
+    monkeypatch.setattr(
+        sys.modules["hyq_fx.quantize"], "capture", lambda m, example: copy.deepcopy(captured)
+    )
+    qgm = hyq_fx.quantize(model, [images[:2], images[2:4]], "hyq-fx", 8, 8, progress=False)
+    path = tmp_path / "mf.onnx"
+    export_onnx_qdq(qgm, path, images[:2])
+    with torch.no_grad():
+        ref = qgm(images[4:])
+    out = torch.as_tensor(np.asarray(OnnxRunner(path)(images[4:])))
+    assert sqnr_db(ref, out) > 20.0
