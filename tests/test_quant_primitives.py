@@ -132,9 +132,11 @@ def test_observers_give_a_range_inside_the_data_range(observer):
     assert x.min() <= lo <= hi <= x.max()
     if observer != "minmax":  # a 4-bit range should clip the lone outlier
         assert hi < 50.0
-        err = lambda lo_, hi_: (  # noqa: E731
-            fake_quantize(x, *qparams_from_range(lo_, hi_, spec), spec.qmin, spec.qmax) - x
-        ).pow(2).mean()
+
+        def err(lo_, hi_):
+            q = fake_quantize(x, *qparams_from_range(lo_, hi_, spec), spec.qmin, spec.qmax)
+            return (q - x).pow(2).mean()
+
         assert err(lo, hi) < err(x.min(), x.max())
 
 
