@@ -254,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="timm name, local-dir:PATH, or a dir with config.json")
     q.add_argument("--calib", required=True, help="ImageFolder of calibration images")
     q.add_argument("--eval", help="ImageFolder to measure FP32 and quantized top-1 on")
-    q.add_argument("--recipe", default="minmax", help="recipe name or JSON file (hyq-fx recipes)")
+    q.add_argument(
+        "--recipe", default="hyq-fx", help="recipe name or JSON file (see: hyq-fx recipes)"
+    )
     q.add_argument("--w-bits", type=int, default=8)
     q.add_argument("--a-bits", type=int, default=8)
     q.add_argument("--calib-size", type=int, default=256, help="calibration images (default 256)")

@@ -34,7 +34,8 @@ def quantized(tmp_path_factory):
     calib = _folder(base / "calib", 1)
     evaluation = _folder(base / "eval", 1, seed=1)
     out = base / "out"
-    argv = ["quantize", MODEL, "--calib", str(calib), "--eval", str(evaluation), "--out", str(out)]
+    argv = ["quantize", MODEL, "--calib", str(calib), "--eval", str(evaluation), "--out", str(out),
+            "--recipe", "minmax"]  # fmt: skip
     assert main([*argv, "--calib-size", "8", "--no-progress"]) == 0
     return base, out, argv
 

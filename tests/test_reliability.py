@@ -80,7 +80,7 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
 
 def _quantize_argv(model: str | Path, calib: Path, out: Path, *extra: str) -> list[str]:
     return ["quantize", str(model), "--calib", str(calib), "--out", str(out), "--calib-size",
-            "4", "--no-progress", *extra]  # fmt: skip
+            "4", "--no-progress", "--recipe", "minmax", *extra]  # fmt: skip
 
 
 # ------------------------------------------------------------------ bad input: one clear line

@@ -33,7 +33,8 @@ def w4a8_out(tmp_path_factory):
     calib, evaluation = _folder(base / "calib", 1), _folder(base / "eval", 1, seed=1)
     out = base / "out"
     argv = ["quantize", MODEL, "--calib", str(calib), "--eval", str(evaluation), "--out", str(out)]
-    assert main([*argv, "--calib-size", "4", "--w-bits", "4", "--report", "--no-progress"]) == 0
+    assert main([*argv, "--calib-size", "4", "--w-bits", "4", "--report", "--no-progress",
+                 "--recipe", "minmax"]) == 0
     return out, json.loads((out / "report.json").read_text())
 
 
