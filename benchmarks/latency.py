@@ -45,13 +45,17 @@ from hyq_fx.models import load_model  # noqa: E402
 from hyq_fx.quantize import quantizers_mode  # noqa: E402
 
 MODELS = ("mobilevit_xxs.cifar10", "mobilevitv2_050.cifar10")
-VARIANTS = ("torch_fp32", "ort_fp32", "ort_qdq_auto", "ort_qdq_exact", "ort_static")
+VARIANTS = (
+    "torch_fp32", "ort_fp32", "ort_qdq_auto", "ort_qdq_exact", "ort_static", "tvm_fp32", "tvm_int8"
+)  # fmt: skip
 LABELS = {
     "torch_fp32": "torch FP32 eager",
     "ort_fp32": "onnxruntime FP32",
     "ort_qdq_auto": "onnxruntime QDQ int8, ours (requantize=auto: QLinearConv)",
     "ort_qdq_exact": "onnxruntime QDQ int8, ours (requantize=none: exact fake-quant)",
     "ort_static": "onnxruntime quantize_static (QDQ, per-channel, min-max)",
+    "tvm_fp32": "TVM Relax FP32, llvm, untuned (default schedules)",
+    "tvm_int8": "TVM Relax int8 conv/matmul (IntegerizeQDQ), llvm, untuned",
     "fake_quant": "hyq-fx fake-quant GraphModule (reference)",
 }
 
@@ -93,7 +97,20 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> tuple[dict[str, 
             ort_quantize_static(paths["ort_fp32"], paths["ort_static"], calib_ds)
     runners: dict[str, Any] = {"torch_fp32": model.eval()}
     nodes = {}
+    if args.tvm:  # built once per model and cached in --work
+        from hyq_fx.backends.tvm_relax import TvmRunner, build_tvm
+
+        for key, integer in (("tvm_fp32", False), ("tvm_int8", True)):
+            lib = work / f"{name}.{args.recipe}.{key}.so"
+            if not lib.exists():
+                start = time.perf_counter()
+                build_tvm(qgm, example, "llvm", lib, integer=integer)
+                export_s[key] = time.perf_counter() - start
+            runners[key] = TvmRunner(lib)
+            paths[key] = lib
     for key, path in paths.items():
+        if key.startswith("tvm_"):
+            continue
         opt = path.with_suffix(".opt.onnx")
         runners[key] = OnnxRunner(path, threads=args.threads, optimized_model_path=opt)
         nodes[key] = onnx_node_counts(opt)
@@ -166,12 +183,14 @@ def main() -> None:
     p.add_argument("--calib-size", type=int, default=256)
     p.add_argument("--eval-limit", type=int, default=0, help="top-1 on N dev images (0: skip)")
     p.add_argument("--ort-static", action="store_true", help="add onnxruntime quantize_static")
+    p.add_argument("--tvm", action="store_true", help="add TVM llvm FP32 and int8 builds")
     p.add_argument("--work", default="/tmp/hyq-latency", help="cache of artifacts and .onnx")
     p.add_argument("--out", default=str(RESULTS / "latency"), help="results path stem")
     p.add_argument("--fresh", action="store_true", help="ignore rows saved by an earlier run")
     args = p.parse_args()
     args.threads = args.threads or _threads()
     torch.set_num_threads(args.threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))  # TVM's pool reads it at load
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
