@@ -39,9 +39,9 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="ignore rows saved by an earlier run")
     args = p.parse_args()
 
+    if args.fresh:  # rows are merged with the file on every save: start from no file
+        Path(args.out + ".json").unlink(missing_ok=True)
     store = ResultStore(Path(args.out + ".json"))
-    if args.fresh:
-        store.data = {"rows": {}}
     store.data["machine"] = machine()
     store.data["command"] = command_line()
     calib_dir = SHARED / "data" / "cifar10" / "calib"

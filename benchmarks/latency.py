@@ -194,9 +194,9 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
+    if args.fresh:  # rows are merged with the file on every save: start from no file
+        Path(args.out + ".json").unlink(missing_ok=True)
     store = ResultStore(Path(args.out + ".json"))
-    if args.fresh:
-        store.data = {"rows": {}}
     store.data["machine"] = {**machine(), "threads": args.threads}
     store.data["command"] = command_line()
     for name in args.models:
