@@ -122,3 +122,15 @@ def test_inspect_reports_norms_and_transitions(tmp_path, capsys):
     assert summary["norms"]["layernorm_tokens"]["count"] == 21
     assert len(summary["transitions"]) == 6  # 3 MobileViT blocks: in and out
     assert dot.read_text().startswith("digraph")
+
+
+def test_demo_runs_data_free_and_saves(tmp_path, capsys):
+    """`hyq-fx demo` end to end on the bundled checkpoint (one synthesis step, to stay fast)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "1", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "embedded:mobilevit_xxs.cifar10"
+    assert 0.0 <= result["top1_agreement"] <= 100.0 and result["logit_sqnr_db"] > 10.0
+    assert "--data" in result["real_top1"] or "--eval" in result["real_top1"]
+    loaded = hyq_fx.load(out)
+    assert sum(isinstance(m, torch.nn.Module) for m in loaded.modules()) > 1
