@@ -146,6 +146,17 @@ def _shape(node: Any) -> tuple | None:
     return _shape_of(val) if _tensor_like(val) else None
 
 
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node that (transitively) uses its output."""
+    seen, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
 def propagate_shapes(gm: fx.GraphModule, *example_inputs: torch.Tensor) -> fx.GraphModule:
     """Run the graph once to record shapes (``meta["tensor_meta"]``) where ``meta["val"]`` is
     missing, e.g. on a graph loaded from an artifact; the analyses here need shapes."""

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from hyq_fx.fake_quant import qparams_from_range
+from hyq_fx.graph import descendants
 from hyq_fx.pass_base import HyqPass, PassError, PassResult, get_tensor, quantizers, register_pass
 from hyq_fx.quantize import quantizers_mode
 from hyq_fx.quantizer import FakeQuantizer
@@ -82,16 +83,6 @@ def requantized(gm: fx.GraphModule, fq_node: fx.Node, bits: int) -> FakeQuantize
     return new
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen, stack = {node}, [node]
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
-
-
 class _Cache(fx.Interpreter):
     """Runs the graph once keeping every value, then re-runs only what a node influences."""
 
@@ -103,7 +94,7 @@ class _Cache(fx.Interpreter):
         self.values = dict(self.env)
 
     def rerun_from(self, node: fx.Node) -> torch.Tensor:
-        changed = _descendants(node)
+        changed = descendants(node)
         env = {n: v for n, v in self.values.items() if n not in changed}
         runner = fx.Interpreter(self.module)
         with torch.no_grad():

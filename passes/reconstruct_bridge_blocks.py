@@ -27,7 +27,7 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from hyq_fx.graph import Region, find_regions
+from hyq_fx.graph import Region, descendants, find_regions
 from hyq_fx.pass_base import (
     HyqPass,
     PassError,
@@ -93,16 +93,6 @@ def _common(a: str, b: str) -> str:
     return ".".join(out)
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen, stack = {node}, [node]
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
-
-
 def find_bridge_blocks(gm: fx.GraphModule, kinds: tuple[str, ...] = KINDS) -> list[Block]:
     """The bridge blocks of ``gm`` (quantizers inserted), in graph order."""
     nodes = list(gm.graph.nodes)
@@ -123,7 +113,7 @@ def find_bridge_blocks(gm: fx.GraphModule, kinds: tuple[str, ...] = KINDS) -> li
                     continue
                 first = after[0]
                 module = _common(_path(entry), _path(first)) or _path(entry).rpartition(".")[0]
-                reach = _descendants(first)
+                reach = descendants(first)
                 end = next((q for q in qops if order[q] > order[first] and q in reach), None)
                 if end is None:
                     continue
@@ -135,7 +125,7 @@ def find_bridge_blocks(gm: fx.GraphModule, kinds: tuple[str, ...] = KINDS) -> li
                     ops = [q for q in qops if start <= order[q] <= order[end]]
             else:
                 before = [a for a in soft if order[a] < order[entry]]
-                consumers = [q for q in qops if q in _descendants(exit_)]
+                consumers = [q for q in qops if q in descendants(exit_)]
                 if not before or not consumers:
                     continue
                 last = before[-1]
