@@ -556,6 +556,13 @@ class ScaleBottleneckOutliers(HyqPass):
             if not (after < before * (1.0 - self.min_gain)) or not torch.isfinite(alpha).all():
                 stats["unchanged"].append(entry)
                 continue
+            if c.chain is not None and self._foldable_chain(gm, c) is None:
+                # an earlier candidate rewrote this producer's weight: with a per-channel
+                # quantizer it is now fq(w·α)·α⁻¹, computed, not a constant to scale
+                c.chain = None
+                if self.placement == "fold":
+                    stats["unchanged"].append(f"{where}: cannot fold after earlier rewrites")
+                    continue
             self._scale_weight(gm, c, alpha)
             if c.chain is not None:
                 self._fold(gm, c, alpha)

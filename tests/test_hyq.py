@@ -107,6 +107,35 @@ def test_outlier_scaling_folds_exactly_into_an_affine_producer():
     assert not any(f.spec.per_channel for f in quantizers(gm).values() if f.role == "activation")
 
 
+def test_outlier_scaling_of_a_rescaled_producer_is_not_folded_into_it():
+    """pw1 sits behind SiLU (per-channel quantizer: its weight becomes ``fq(w·α)·α⁻¹``, a
+    computed tensor) and is the affine producer of pw2's input: pw2's α cannot be folded into
+    pw1 any more and takes the per-channel quantizer too (before the fix: a crash)."""
+
+    class Net(_Bottleneck):
+        def __init__(self) -> None:
+            super().__init__(act=True)
+            self.pw = nn.Conv2d(16, 16, 1)
+            self.pw2 = nn.Conv2d(16, 8, 1)
+            with torch.no_grad():
+                self.pw.weight[[3, 7]] *= 25.0  # outlier output channels of pw = pw2's input
+
+        def forward(self, x):
+            return self.pw2(super().forward(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    ctx = QuantContext([x[:4], x[4:]], w_bits=8, a_bits=4, progress=False)
+    gm = _quantized(Net().eval(), x, ctx)
+    fp0, err0 = _errors(gm, x)
+    gm = run_passes(gm, [get_pass("scale_bottleneck_outliers")(ctx, steps=150, samples=1024)])
+    fp1, err1 = _errors(gm, x)
+    log = ctx.log[-1]
+    assert len(log["per_channel_quantizer"]) == 2 and not log["folded"], log
+    torch.testing.assert_close(fp1, fp0, atol=1e-5, rtol=1e-5)
+    assert err1 < err0, (err0, err1)
+
+
 def test_outlier_scaling_follows_channels_through_permutes():
     class Net(nn.Module):
         def __init__(self):
