@@ -699,12 +699,16 @@ def _target_name(target: Any) -> str:
     return "aarch64" if triple.startswith("aarch64") else target.kind.name
 
 
-def _cuda_pipeline(target: Any) -> Any:
+def _cuda_pipeline(target: Any, int8_tensor_cores: bool = False) -> Any:
     """TVM's CUDA pipeline, but a dlight rule that fails on a kernel hands it to the next rule.
 
     TVM 0.27's ``dlight.gpu.Matmul`` (int8 tensorization) raises a ScheduleError on some fused
     int8 1x1 convolutions (``compute-at``: "not a stage pipeline"); the kernel then gets the
-    GEMV / reduction / fallback schedule instead of failing the whole build.
+    GEMV / reduction / fallback schedule instead of failing the whole build. On others (an
+    int8 1x1 conv with a per-channel float epilogue, in MobileViT-v2) it crashes the process
+    inside ``Tensorize``, which no ``except`` can catch: so int8 tensor-core tensorization is
+    off unless ``int8_tensor_cores``; int8 × int8 → int32 kernels then run on CUDA cores
+    (the same integer arithmetic, dlight's generic matmul schedule).
     """
     import tvm
     from tvm import relax
@@ -716,6 +720,8 @@ def _cuda_pipeline(target: Any) -> Any:
             self.rule = rule
 
         def apply(self, func: Any, tgt: Any, tunable: bool) -> Any:
+            if not int8_tensor_cores and isinstance(func, tvm.tirx.PrimFunc):
+                func = func.with_attr("dlight.do_not_tensorize", True)
             try:
                 return self.rule.apply(func, tgt, tunable)
             except Exception:  # a rule bug: let the next rule schedule this kernel
@@ -774,6 +780,7 @@ def build_tvm(
     integer: bool = True,
     dynamic_batch: bool = True,
     mcpu: str | None = None,
+    int8_tensor_cores: bool = False,
 ) -> Path:
     """Build ``gm`` (a hyq-fx fake-quant GraphModule) into a Relax VM shared library.
 
@@ -781,6 +788,8 @@ def build_tvm(
     ``integer=False`` builds the float graph (quantizers off) as the FP32 reference.
     ``dynamic_batch`` keeps the batch dimension symbolic (one library for any batch size); with
     False the library runs only ``example_input``'s batch size (``TvmRunner`` pads to it).
+    ``int8_tensor_cores`` (cuda only) lets dlight tensorize int8 matmuls for tensor cores: faster
+    where it works, but TVM 0.27 crashes on some kernels (see ``_cuda_pipeline``).
     Kernels use TVM's default (untuned) schedules. Writes ``out_path`` and a ``.json`` beside
     it (target, input shape, op counts, build seconds, the model's preprocessing), each through
     a temporary file renamed at the end.
@@ -810,7 +819,7 @@ def build_tvm(
     if integer:
         mod = IntegerizeQDQ(stats)(mod)
     ops = count_ops(mod)
-    pipeline = _cuda_pipeline(tvm_target) if name == "cuda" else "default"
+    pipeline = _cuda_pipeline(tvm_target, int8_tensor_cores) if name == "cuda" else "default"
     with tvm_target:
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
     # the library and its .json go to temporary files renamed at the end (the .json just
@@ -823,6 +832,7 @@ def build_tvm(
             "target": name,
             "target_config": str(tvm_target),
             "integer": integer,
+            "int8_tensor_cores": bool(int8_tensor_cores and name == "cuda"),
             "dynamic_batch": dynamic_batch,
             "batch": None if dynamic_batch else int(example_input.shape[0]),
             "input_shape": list(example_input.shape[1:]),
@@ -840,6 +850,34 @@ def build_tvm(
     return out_path
 
 
+def _load_cuda_runtime() -> None:
+    """Register TVM's CUDA device API when TVM runs without its compiler.
+
+    A deployment machine needs only TVM's runtime (``TVM_USE_RUNTIME_LIB=1``, or a TVM without
+    ``libtvm_compiler.so``: 3 MB instead of 260 MB). In that mode ``import tvm`` skips the
+    backend autoload that loads ``libtvm_runtime_cuda.so``, so CUDA libraries would not load.
+    """
+    import tvm.base
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    libs = tvm.base._LOADED_LIBS
+    if not tvm.base._RUNTIME_ONLY or "tvm_runtime_cuda" in libs:
+        return
+    runtime_dir = Path(libs["tvm_runtime"]._name).resolve().parent
+    try:
+        libs["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm",
+            target_name="tvm_runtime_cuda",
+            extra_lib_paths=[runtime_dir],
+            mode="RTLD_LOCAL",
+        )
+    except (OSError, RuntimeError) as err:
+        raise TvmBackendError(
+            f"TVM's CUDA runtime (libtvm_runtime_cuda.so beside {runtime_dir}) could not be "
+            f"loaded: {err}. Run on a machine with the NVIDIA driver and the CUDA runtime."
+        ) from err
+
+
 class TvmRunner:
     """A built library as a callable: torch images ``[N, C, H, W]`` → torch logits (Relax VM).
 
@@ -850,7 +888,7 @@ class TvmRunner:
 
     def __init__(self, path: str | Path, device: str | None = None) -> None:
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # in runtime-only TVM too (no tvm.relax)
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -866,9 +904,11 @@ class TvmRunner:
                 "installed) or over tvm.rpc, not on this host"
             )
         device = device or ("cuda" if self.meta.get("target") == "cuda" else "cpu")
+        if device == "cuda":
+            _load_cuda_runtime()
         self.device = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
         self._tensor = tvm.runtime.tensor
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path)), self.device)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.path)), self.device)
         self.batch: int | None = self.meta.get("batch")
 
     @property

@@ -10,14 +10,18 @@ A tiny conv + attention module keeps the TVM builds short; every invariant of
   each, while a depthwise conv (``depthwise_per_channel``) runs in int8;
 * a depthwise conv with a per-channel asymmetric input (padding, stride, dilation, channel
   multiplier, 6-bit codes) built for llvm matches the fake-quant model;
-* the llvm library's logits match the fake-quant GraphModule (dynamic batch);
+* the llvm library's logits match the fake-quant GraphModule (dynamic batch), also when loaded
+  by a runtime-only TVM (``TVM_USE_RUNTIME_LIB=1``, what a deployment machine needs);
 * the aarch64 library is an aarch64 ELF (skipped without ``aarch64-linux-gnu-gcc``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -211,6 +215,19 @@ def test_llvm_library_matches_fake_quant(qgm, images, tmp_path):
             assert out.shape == ref.shape
             assert (out - ref).abs().max().item() < 1e-4
             assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    # a deployment machine needs only TVM's runtime (no 260 MB compiler library): same logits
+    torch.save((images, runner(images)), tmp_path / "ref.pt")
+    script = (
+        "import sys, torch, tvm.base\n"
+        "from hyq_fx.backends.tvm_relax import TvmRunner\n"
+        "assert tvm.base._RUNTIME_ONLY\n"
+        f"x, ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+        f"out = TvmRunner({str(path)!r})(x)\n"
+        "sys.exit(0 if torch.equal(out, ref) else 1)\n"
+    )
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def _tiny_conv_linear() -> torch.fx.GraphModule:
