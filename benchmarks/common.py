@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# ../shared beside the project; HYQ_SHARED points elsewhere (e.g. a copy taken to a GPU machine)
+SHARED = Path(os.environ.get("HYQ_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 
 
 def machine() -> dict[str, Any]:
@@ -84,3 +85,26 @@ class ResultStore:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2))
         tmp.replace(self.path)
+
+
+def load_quantized(name: str, recipe: str, calib_size: int, work: Path):
+    """``(model, info, calib_dataset, qgm)`` for a shared checkpoint, quantized at W8A8 with
+    ``recipe`` on ``calib_size`` calibration images; the artifact is cached in ``work``."""
+    import time
+
+    import hyq_fx
+    from hyq_fx.artifact import is_artifact
+    from hyq_fx.data import image_folder, make_loader
+    from hyq_fx.models import load_model
+
+    model, info = load_model(f"local-dir:{SHARED / 'checkpoints' / name}")
+    calib = image_folder(SHARED / "data" / "cifar10" / "calib", info, limit=calib_size)
+    qdir = Path(work) / f"{name}.{recipe}.W8A8.c{calib_size}"
+    if is_artifact(qdir):
+        return model, info, calib, hyq_fx.load(qdir)
+    start = time.perf_counter()
+    qgm = hyq_fx.quantize(model, make_loader(calib, batch_size=32), recipe, 8, 8)
+    qgm.meta["hyq"]["model_info"] = info
+    print(f"{name}: quantized in {time.perf_counter() - start:.0f} s", flush=True)
+    hyq_fx.save(qgm, qdir)
+    return model, info, calib, qgm

@@ -35,13 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, SHARED, ResultStore, command_line, machine  # noqa: E402
+from common import RESULTS, SHARED, ResultStore, command_line, load_quantized, machine  # noqa: E402
 
-import hyq_fx  # noqa: E402
-from hyq_fx.artifact import is_artifact  # noqa: E402
 from hyq_fx.backends.onnx_qdq import OnnxRunner, export_onnx_qdq, onnx_node_counts  # noqa: E402
 from hyq_fx.data import evaluate_top1, image_folder, make_loader  # noqa: E402
-from hyq_fx.models import load_model  # noqa: E402
 from hyq_fx.quantize import quantizers_mode  # noqa: E402
 
 MODELS = ("mobilevit_xxs.cifar10", "mobilevitv2_050.cifar10")
@@ -66,17 +63,7 @@ def _threads() -> int:
 
 def prepare(name: str, args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], dict]:
     """Quantize (cached), export the ONNX variants; returns callables and model info."""
-    model, info = load_model(f"local-dir:{SHARED / 'checkpoints' / name}")
-    calib_ds = image_folder(SHARED / "data" / "cifar10" / "calib", info, limit=args.calib_size)
-    qdir = work / f"{name}.{args.recipe}.W8A8.c{args.calib_size}"
-    if is_artifact(qdir):
-        qgm = hyq_fx.load(qdir)
-    else:
-        start = time.perf_counter()
-        qgm = hyq_fx.quantize(model, make_loader(calib_ds, batch_size=32), args.recipe, 8, 8)
-        qgm.meta["hyq"]["model_info"] = info
-        print(f"{name}: quantized in {time.perf_counter() - start:.0f} s", flush=True)
-        hyq_fx.save(qgm, qdir)
+    model, info, calib_ds, qgm = load_quantized(name, args.recipe, args.calib_size, work)
     calib = torch.stack([calib_ds[i][0] for i in range(32)])  # fits the requant grids
     example = calib[:2]
     paths = {
