@@ -34,7 +34,7 @@ def w4a8_out(tmp_path_factory):
     out = base / "out"
     argv = ["quantize", MODEL, "--calib", str(calib), "--eval", str(evaluation), "--out", str(out)]
     assert main([*argv, "--calib-size", "4", "--w-bits", "4", "--report", "--no-progress",
-                 "--recipe", "minmax"]) == 0
+                 "--recipe", "minmax"]) == 0  # fmt: skip
     return out, json.loads((out / "report.json").read_text())
 
 
