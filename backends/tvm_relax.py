@@ -878,6 +878,40 @@ def _load_cuda_runtime() -> None:
         ) from err
 
 
+def _register_cuda_compiler() -> None:
+    """Compile a library's CUDA kernels with ``nvcc`` when it is loaded by a runtime-only TVM.
+
+    TVM 0.27 CUDA libraries carry CUDA C++ that the loader compiles for the GPU at hand
+    (``tvm_callback_cuda_compile``); TVM's own callback needs the compiler library (its target
+    API), absent in a runtime-only install, so this one calls ``nvcc`` for the device's arch.
+    """
+    import subprocess
+    import tempfile
+
+    import tvm
+    import tvm.base
+    import tvm_ffi
+
+    if not tvm.base._RUNTIME_ONLY:
+        return
+    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+
+    def compile_cuda(code: str, *_: Any) -> bytearray:
+        with tempfile.TemporaryDirectory() as tmp:
+            src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
+            src.write_text(code)
+            cmd = ["nvcc", "--fatbin", "-O3", f"-arch={arch}", "-o", str(out), str(src)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+            except OSError as err:
+                raise TvmBackendError(f"loading a CUDA library needs nvcc on PATH: {err}") from err
+            if proc.returncode:
+                raise TvmBackendError(f"nvcc failed on the kernels: {proc.stderr[-2000:]}")
+            return bytearray(out.read_bytes())
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
+
+
 class TvmRunner:
     """A built library as a callable: torch images ``[N, C, H, W]`` → torch logits (Relax VM).
 
@@ -906,6 +940,7 @@ class TvmRunner:
         device = device or ("cuda" if self.meta.get("target") == "cuda" else "cpu")
         if device == "cuda":
             _load_cuda_runtime()
+            _register_cuda_compiler()
         self.device = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
         self._tensor = tvm.runtime.tensor
         self.vm = VirtualMachine(tvm.runtime.load_module(str(self.path)), self.device)
