@@ -5,19 +5,20 @@
 # ---
 
 # %% [markdown]
-# # 04 · Recipes compared at W6A6 and W4A8
+# # 04 · Recipes compared at W4A8, and every recipe from the benchmark
 #
 # A recipe is a JSON list of passes. Here we calibrate both shared CIFAR-10 checkpoints
 # (MobileViT-XXS with LayerNorm, MobileViT-v2-0.5 with GroupNorm(1, C)) with the naive `minmax`
-# recipe and with RepQ-ViT's `repq` (norm-scale reparameterization + percentile clipping), at
-# W6A6 and W4A8, then compare top-1, the FP32/quantized logit SQNR and the per-layer SQNR.
+# recipe and with RepQ-ViT's `repq` (norm-scale reparameterization + percentile clipping) at
+# W4A8, then compare top-1, the FP32/quantized logit SQNR and the per-layer SQNR.
 #
 # To run in a few minutes on a 2-core CPU this calibrates on 32 images and evaluates on 100
 # (top-1 on 100 images moves in steps of 1 point and has a standard error of about 3.6, so the
-# logit SQNR is the steadier signal here). The full comparison, every recipe on 1000 images, is
-# `benchmarks/accuracy.py`; its stored results are printed at the end. Add recipes to
-# `RECIPES` to compare more live. Without `../shared` the bundled MobileViT-XXS is used with
-# images synthesised from its BatchNorm statistics, and top-1 becomes agreement with FP32.
+# logit SQNR is the steadier signal here). The full comparison, every recipe at W8A8, W6A6, W4A8
+# and W4A4 on all 5000 dev images, is `benchmarks/accuracy.py`; its stored results are printed
+# at the end. Add recipes to `RECIPES` (or settings to `SETTINGS`) to compare more live.
+# Without `../shared` the bundled MobileViT-XXS is used with images synthesised from its
+# BatchNorm statistics, and top-1 becomes agreement with FP32.
 
 # %%
 import copy
@@ -43,7 +44,7 @@ OUT.mkdir(parents=True, exist_ok=True)
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 RECIPES = ["minmax", "repq"]
-SETTINGS = {"W6A6": (6, 6), "W4A8": (4, 8)}
+SETTINGS = {"W4A8": (4, 8)}
 N_CALIB, N_EVAL = 32, 100
 for name in RECIPES:
     recipe = hyq_fx.get_recipe(name)
@@ -164,19 +165,21 @@ print("wrote", OUT / "04_sqnr_per_layer.png")
 
 # %% [markdown]
 # ## The full comparison from the benchmark
-# `benchmarks/accuracy.py` runs every recipe on 256 calibration and 1000 evaluation images;
-# its stored results (if this checkout has them) are the numbers to quote.
+# `benchmarks/accuracy.py` runs every recipe on 256 calibration images and all 5000 dev images;
+# its stored results (`benchmarks/results/accuracy.json`, if this checkout has it) are the
+# numbers to quote.
 
 # %%
 stored = {}
-for path in sorted(glob.glob(str(ROOT / "benchmarks" / "results" / "accuracy_*.json"))):
+for path in glob.glob(str(ROOT / "benchmarks" / "results" / "accuracy.json")):
     for row in json.loads(Path(path).read_text())["rows"].values():
         if "recipe" in row:
             stored[row["model"], row["recipe"], row["setting"]] = row["quant_top1"]
 if stored:
-    print(f"\n{'model':26s} {'recipe':11s} {'W6A6':>6s} {'W4A8':>6s}   (top-1, 1000 images)")
+    columns = ("W8A8", "W6A6", "W4A8", "W4A4")
+    print(f"\n{'model':26s} {'recipe':11s} " + " ".join(f"{c:>6s}" for c in columns))
     for model_name, recipe in sorted({(m, r) for m, r, _ in stored}):
-        cells = [stored.get((model_name, recipe, s)) for s in SETTINGS]
+        cells = [stored.get((model_name, recipe, s)) for s in columns]
         text = " ".join(f"{c:6.1f}" if c is not None else f"{'—':>6s}" for c in cells)
         print(f"{model_name:26s} {recipe:11s} {text}")
 else:
