@@ -230,6 +230,25 @@ def test_llvm_library_matches_fake_quant(qgm, images, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
+def test_cuda_library_without_a_gpu_driver_is_one_clear_error(tmp_path):
+    # a runtime-only TVM loads libtvm_runtime_cuda.so itself; without the NVIDIA driver the
+    # user gets what is missing and what to do, not a loader traceback
+    lib = tmp_path / "model.cuda.so"
+    lib.write_bytes(b"not loaded: the CUDA runtime check comes first")
+    script = (
+        "from hyq_fx.backends.tvm_relax import TvmBackendError, TvmRunner\n"
+        "try:\n"
+        f"    TvmRunner({str(lib)!r}, device='cuda')\n"
+        "except TvmBackendError as err:\n"
+        "    print(err)\n"
+    )
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CUDA runtime" in proc.stdout and "NVIDIA driver" in proc.stdout, proc.stdout
+
+
 def _tiny_conv_linear() -> torch.fx.GraphModule:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(64, 5))
     torch.manual_seed(0)
