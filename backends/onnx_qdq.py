@@ -1000,6 +1000,12 @@ def _adaptive_avg_pool(t: _Translator, n, x, size):
     return t.b.op("AveragePool", [t.v(x)], n.name, kernel_shape=k, strides=k)
 
 
+def _pool_window(kernel, stride) -> tuple[list[int], list[int]]:
+    """ATen's pooling kernel / stride (one value means both axes; no stride means the kernel)."""
+    kernel = list(kernel) * (2 if len(kernel) == 1 else 1)
+    return kernel, kernel if not stride else list(stride) * (2 if len(stride) == 1 else 1)
+
+
 @_handles(aten.avg_pool2d.default)
 def _avg_pool(
     t: _Translator,
@@ -1014,8 +1020,7 @@ def _avg_pool(
 ):
     if divisor_override is not None:
         raise ExportError(f"{_where(n)}: avg_pool2d with divisor_override")
-    kernel = list(kernel) * (2 if len(kernel) == 1 else 1)
-    stride = kernel if not stride else list(stride) * (2 if len(stride) == 1 else 1)
+    kernel, stride = _pool_window(kernel, stride)
     return t.b.op(
         "AveragePool",
         [t.v(x)],
@@ -1032,8 +1037,7 @@ def _avg_pool(
 def _max_pool(
     t: _Translator, n, x, kernel, stride=None, padding=(0,), dilation=(1,), ceil_mode=False
 ):
-    kernel = list(kernel) * (2 if len(kernel) == 1 else 1)
-    stride = kernel if not stride else list(stride) * (2 if len(stride) == 1 else 1)
+    kernel, stride = _pool_window(kernel, stride)
     return t.b.op(
         "MaxPool",
         [t.v(x)],

@@ -597,26 +597,23 @@ def integerize(func: Any) -> tuple[Any, IntegerizeStats]:
             skipped[orig] = local.skipped
         return out
 
-    x, w = _DQPattern(allow_permute=False), _DQPattern(allow_permute=False)
-    conv = is_op("relax.nn.conv2d")(x.pattern, w.pattern)
+    def integer_op(op: str, allow_permute: bool, rewrite: Callable) -> tuple[Any, Callable]:
+        """``op(dequantize(a), dequantize(b))`` and its rewrite into an int8 × int8 kernel."""
+        a, b = _DQPattern(allow_permute), _DQPattern(allow_permute)
 
-    def conv_rewriter(orig: Any, m: Mapping[Any, Any]) -> Any:
-        xo, wo = x.operand(m), w.operand(m)
-        if xo is None or wo is None:
-            return orig
-        return record(orig, lambda st: _rewrite_conv2d(orig, xo, wo, st))
+        def rewriter(orig: Any, m: Mapping[Any, Any]) -> Any:
+            ao, bo = a.operand(m), b.operand(m)
+            if ao is None or bo is None:
+                return orig
+            return record(orig, lambda st: rewrite(orig, ao, bo, st))
 
-    a, b = _DQPattern(allow_permute=True), _DQPattern(allow_permute=True)
-    matmul = is_op("relax.matmul")(a.pattern, b.pattern)
+        return is_op(op)(a.pattern, b.pattern), rewriter
 
-    def matmul_rewriter(orig: Any, m: Mapping[Any, Any]) -> Any:
-        ao, bo = a.operand(m), b.operand(m)
-        if ao is None or bo is None:
-            return orig
-        return record(orig, lambda st: _rewrite_matmul(orig, ao, bo, st))
-
-    func = rewrite_call(conv, conv_rewriter, func)
-    func = rewrite_call(matmul, matmul_rewriter, func)
+    for pattern, rewriter in (
+        integer_op("relax.nn.conv2d", False, _rewrite_conv2d),
+        integer_op("relax.matmul", True, _rewrite_matmul),  # the b operand may be permuted
+    ):
+        func = rewrite_call(pattern, rewriter, func)
     func = relax.analysis.remove_all_unused(func)
     stats.skipped = [why for reasons in skipped.values() for why in reasons]
     return func, stats
