@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from hyq_fx.backends.tvm_tuning import TuningOptions, cpu_pipeline, tuning_target
 from hyq_fx.lowering import lower_for_export
 from hyq_fx.quantizer import FakeQuantizer
 
@@ -754,14 +755,17 @@ def _export(executable: Any, out_path: Path, name: str) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     cross = CROSS_CC.get(name)
     if cross is None:
-        executable.export_library(str(out_path))
+        # LLVM's objects carry DWARF debug info (a third of an int8 library's bytes): not shipped
+        executable.export_library(str(out_path), options=["-Wl,--strip-debug"])
         return
     if shutil.which(cross) is None:
         raise TvmBackendError(
             f"cannot link the {name} library: the cross compiler {cross!r} is not on PATH; "
             "install it (Debian/Ubuntu: apt-get install -y gcc-aarch64-linux-gnu)"
         )
-    executable.export_library(str(out_path), fcompile=tvm_cc.cross_compiler(cross))
+    executable.export_library(
+        str(out_path), fcompile=tvm_cc.cross_compiler(cross), options=["-Wl,--strip-debug"]
+    )
 
 
 def _metadata_path(lib_path: Path) -> Path:
@@ -778,6 +782,8 @@ def build_tvm(
     dynamic_batch: bool = True,
     mcpu: str | None = None,
     int8_tensor_cores: bool = False,
+    tune_trials: int = 0,
+    tuning_dir: str | Path | None = None,
 ) -> Path:
     """Build ``gm`` (a hyq-fx fake-quant GraphModule) into a Relax VM shared library.
 
@@ -787,7 +793,10 @@ def build_tvm(
     False the library runs only ``example_input``'s batch size (``TvmRunner`` pads to it).
     ``int8_tensor_cores`` (cuda only) lets dlight tensorize int8 matmuls for tensor cores: faster
     where it works, but TVM 0.27 crashes on some kernels (see ``_cuda_pipeline``).
-    Kernels use TVM's default (untuned) schedules. Writes ``out_path`` and a ``.json`` beside
+    Kernels use TVM's default (untuned) schedules unless ``tune_trials > 0`` (MetaSchedule on
+    this CPU, ``llvm`` with a static batch only; see ``tvm_tuning``) or ``tuning_dir`` holds a
+    database from an earlier tuning (default ``OUT/model.llvm.tuning`` beside ``out_path``,
+    reused when it exists). Writes ``out_path`` and a ``.json`` beside
     it (target, input shape, op counts, build seconds, the model's preprocessing), each through
     a temporary file renamed at the end.
     """
@@ -803,6 +812,9 @@ def build_tvm(
     tvm_target = make_target(target, mcpu=mcpu)
     name = _target_name(tvm_target)
     out_path = Path(out_path)
+    tuning = _tuning_options(name, out_path, dynamic_batch, tune_trials, tuning_dir)
+    if tuning is not None:
+        tvm_target = tuning_target(tvm_target)
     start = time.perf_counter()
     example_input = example_input.detach().float().cpu()
     gm = lower_for_export(gm, example_input)
@@ -816,7 +828,10 @@ def build_tvm(
     if integer:
         mod = IntegerizeQDQ(stats)(mod)
     ops = count_ops(mod)
-    pipeline = _cuda_pipeline(tvm_target, int8_tensor_cores) if name == "cuda" else "default"
+    if name == "cuda":
+        pipeline = _cuda_pipeline(tvm_target, int8_tensor_cores)
+    else:
+        pipeline = cpu_pipeline(tvm_target, tuning)
     with tvm_target:
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
     # the library and its .json go to temporary files renamed at the end (the .json just
@@ -840,11 +855,40 @@ def build_tvm(
             "float_fallbacks": main.skipped,
             "quantizers": {k: len(v) for k, v in report.items()},
             "build_seconds": round(time.perf_counter() - start, 2),
+            "tuning": tuning.summary if tuning is not None else None,
             "model_info": dict(gm.meta.get(META_KEY, {}).get("model_info", {})),
         }
         with atomic_output_file(_metadata_path(out_path)) as tmp_meta:
             tmp_meta.write_text(json.dumps(meta, indent=2, default=str))
     return out_path
+
+
+def _tuning_options(
+    name: str,
+    out_path: Path,
+    dynamic_batch: bool,
+    trials: int,
+    work_dir: str | Path | None,
+) -> TuningOptions | None:
+    """What ``build_tvm`` should tune or apply, or None for TVM's default schedules."""
+    if trials < 0:
+        raise TvmBackendError(f"tune_trials must be >= 0, got {trials}")
+    default_dir = out_path.with_suffix(".tuning")
+    if trials == 0 and work_dir is None:
+        # an earlier tuning's database beside the library is reused where it can apply
+        if name != "llvm" or dynamic_batch or not default_dir.is_dir():
+            return None
+    if name != "llvm":
+        raise TvmBackendError(
+            f"MetaSchedule tuning measures kernels on this machine, so it needs the host "
+            f"target 'llvm', not {name!r}; build {name} without tune_trials / --tune-trials"
+        )
+    if dynamic_batch:
+        raise TvmBackendError(
+            "MetaSchedule tuning needs static shapes: build with dynamic_batch=False "
+            "(`hyq-fx export --tune-trials N` does this, with --batch N, default 1)"
+        )
+    return TuningOptions(Path(work_dir) if work_dir is not None else default_dir, trials)
 
 
 def _load_cuda_runtime() -> None:
@@ -995,7 +1039,9 @@ def export_tvm(
     """Build the quantized artifact in ``out_dir`` for ``target``: ``OUT/model.TARGET.so``.
 
     What ``hyq-fx export OUT --to tvm --target TARGET`` runs (TARGET: llvm, aarch64, cuda);
-    ``options`` go to :func:`build_tvm` (``integer``, ``dynamic_batch``, ``mcpu``).
+    ``options`` go to :func:`build_tvm` (``integer``, ``dynamic_batch``, ``mcpu``,
+    ``tune_trials``, ``tuning_dir``). ``batch`` (an option here) sets the example batch size;
+    with ``tune_trials`` the library is then built for that batch only.
     """
     from hyq_fx.artifact import is_artifact, load
     from hyq_fx.quantize import META_KEY
@@ -1009,7 +1055,10 @@ def export_tvm(
     shape = gm.meta.get(META_KEY, {}).get("input_shape")
     if not shape:
         raise TvmBackendError(f"{out_dir}: the artifact does not record its input shape")
-    example = torch.zeros(1, *shape)
+    batch = int(options.pop("batch", 1))
+    if options.get("tune_trials"):
+        options.setdefault("dynamic_batch", False)
+    example = torch.zeros(batch, *shape)
     name = _target_name(make_target(target, mcpu=options.get("mcpu")))
     path = Path(out_path) if out_path else Path(out_dir) / f"model.{name}.so"
     return build_tvm(gm, example, target, path, **options)

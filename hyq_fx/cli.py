@@ -198,7 +198,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from .backends.tvm_relax import export_tvm
 
-        path = export_tvm(args.out, args.target)
+        path = export_tvm(args.out, args.target, batch=args.batch, tune_trials=args.tune_trials)
     _print_json({"out": str(path), "bytes": path.stat().st_size, "to": args.to})
     return 0
 
@@ -283,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--to", choices=("onnx", "tvm"), required=True)
     x.add_argument("--target", choices=("llvm", "aarch64", "cuda"), default="llvm")
     x.add_argument("--calib", help="ImageFolder to fit ONNX requantization grids (optional)")
+    x.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        help="tvm llvm: MetaSchedule trials on this CPU (database in OUT/model.llvm.tuning; "
+        "builds for --batch only)",
+    )
+    x.add_argument("--batch", type=int, default=1, help="tvm: batch size a tuned library runs")
     x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="norm variants, conv→transformer transitions, op counts")

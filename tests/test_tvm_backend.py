@@ -13,7 +13,9 @@ A tiny conv + attention module keeps the TVM builds short; every invariant of
 * the llvm library's logits match the fake-quant GraphModule (dynamic batch), also when loaded
   by a runtime-only TVM (``TVM_USE_RUNTIME_LIB=1``, what a deployment machine needs), where a
   CUDA library without the NVIDIA driver is one clear error;
-* the aarch64 library is an aarch64 ELF (skipped without ``aarch64-linux-gnu-gcc``).
+* the aarch64 library is an aarch64 ELF (skipped without ``aarch64-linux-gnu-gcc``);
+* MetaSchedule tuning (``tune_trials``) writes its database beside the library, a rebuild
+  reuses it without searching, and the tuned library still matches the fake-quant model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -288,3 +291,32 @@ def test_targets():
     assert tvm_relax.make_target("cuda").kind.name == "cuda"
     with pytest.raises(tvm_relax.TvmBackendError, match="unknown TVM target"):
         tvm_relax.make_target("x86-gpu")
+
+
+def test_metaschedule_tuning_writes_reuses_and_matches(tmp_path, monkeypatch):
+    # MetaSchedule's TuneContext imports every tensor intrinsic TVM ships (CUDA's alone: 50 s
+    # here); a generic llvm target tensorizes nothing, so the test skips that import
+    monkeypatch.setitem(sys.modules, "tvm.s_tir.tensor_intrin", types.ModuleType("stub"))
+    gm = _tiny_conv_linear()
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    lib = tmp_path / "m.llvm.so"
+    path = tvm_relax.build_tvm(gm, x, FAST_LLVM, lib, dynamic_batch=False, tune_trials=4)
+    tuning = json.loads(path.with_suffix(".json").read_text())["tuning"]
+    db = tmp_path / "m.llvm.tuning"
+    assert tuning["database"] == str(db) and (db / "database_tuning_record.json").is_file()
+    assert tuning["records"] >= 1 and tuning["kernels_from_database"] >= 1
+    with torch.no_grad():
+        torch.testing.assert_close(tvm_relax.TvmRunner(path)(x), gm(x), atol=1e-4, rtol=0)
+    # a rebuild beside the database applies its records without searching again
+    path = tvm_relax.build_tvm(gm, x, FAST_LLVM, lib, dynamic_batch=False)
+    again = json.loads(path.with_suffix(".json").read_text())["tuning"]
+    assert again["trials"] == 0 and again["records"] == tuning["records"]
+    assert again["kernels_from_database"] == tuning["kernels_from_database"]
+    # a dynamic-batch build of the same library ignores it; asking to tune one is a clear error
+    path = tvm_relax.build_tvm(gm, x, FAST_LLVM, lib)
+    assert json.loads(path.with_suffix(".json").read_text())["tuning"] is None
+    with pytest.raises(tvm_relax.TvmBackendError, match="static shapes"):
+        tvm_relax.build_tvm(gm, x, FAST_LLVM, lib, tune_trials=4)
+    with pytest.raises(tvm_relax.TvmBackendError, match="host target 'llvm'"):
+        tvm_relax.build_tvm(gm, x, "aarch64", tmp_path / "m.aarch64.so", tune_trials=4,
+                            dynamic_batch=False)  # fmt: skip

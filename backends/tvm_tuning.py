@@ -1,0 +1,164 @@
+"""The CPU build pipeline of the TVM backend, with optional MetaSchedule tuning of its kernels.
+
+``LegalizeOps`` turns every Relax op into a TIR kernel with *no* schedule: plain loop nests,
+one thread, no vectorization. TVM's ``tvm.compile(..., relax_pipeline="default")`` on CPU does
+not even fuse them (each quantize's divide / round / add / clip / cast is its own kernel).
+``cpu_pipeline`` runs TVM's CPU pipeline instead (``relax.backend.cpu_generic``: legalize,
+``FoldConstant``, ``FuseOps``, ``FuseTIR``, then lowering), and between fusion and lowering it
+can tune::
+
+    for each fused kernel k (a MetaSchedule task, weighted by how often it is called):
+        search schedules σ (tiling, loop order, parallel, vectorize, unroll) for
+        min_σ  t_measured(k, σ)  on this machine, within the global trial budget
+    apply the best σ of each kernel found in the database; kernels without a record keep
+    the unscheduled default
+
+The database (``database_workload.json``, ``database_tuning_record.json`` and MetaSchedule's
+logs) lives in a directory beside the library (``OUT/model.llvm.tuning/``); building again with
+the same directory reuses its records, and ``trials=0`` applies them without searching, so a
+tuned library can be rebuilt in seconds. Tuning needs static shapes (a record is keyed on the
+kernel's structure, shapes included) and a machine that runs the kernels: the host CPU.
+
+Source: Shao et al., "Tensor Program Optimization with Probabilistic Programs" (MetaSchedule,
+NeurIPS 2022). Invariant checked by ``tests/test_tvm_backend.py``: a tuned library writes its
+database, reuses it on rebuild, and reproduces the untuned library's logits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TuningOptions", "build_candidate", "cpu_pipeline", "tuning_target"]
+
+
+@dataclass
+class TuningOptions:
+    """How to tune: a global trial budget and where the database lives.
+
+    ``trials`` is MetaSchedule's ``max_trials_global`` (0: apply the database only);
+    ``ops``: tune only the fused kernels whose name holds one of these op names (default conv2d
+    and matmul, where the time goes; None tunes every kernel, elementwise ones included);
+    ``trials_per_task`` caps one kernel (default: ``max(trials_per_iter, trials // tasks)``
+    so every kernel gets a share); ``trials_per_iter`` is the candidates measured per round.
+    After the build ``summary`` holds what happened (tasks, records, kernels tuned, seconds).
+    """
+
+    work_dir: Path
+    trials: int = 0
+    ops: tuple[str, ...] | None = ("conv2d", "matmul")
+    trials_per_task: int | None = None
+    trials_per_iter: int = 16
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def tuning_target(target: Any) -> Any:
+    """``target`` with ``num-cores`` set (MetaSchedule needs it to parallelize CPU kernels)."""
+    import tvm
+
+    config = dict(target.export())
+    config.pop("tag", None)
+    config.setdefault("num-cores", os.cpu_count() or 1)
+    return tvm.target.Target(config)
+
+
+def _cost_model() -> str:
+    # MetaSchedule's learned cost model needs xgboost (`pip install hyq-fx[tune]`); without it
+    # candidates are ranked at random, which needs more trials for the same result
+    return "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
+
+
+def _scheduled_kernels(mod: Any) -> tuple[int, int]:
+    import tvm
+
+    kernels = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    tuned = sum(1 for f in kernels if f.attrs is not None and "tirx.is_scheduled" in f.attrs)
+    return tuned, len(kernels)
+
+
+def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
+    """MetaSchedule's default candidate build without its ``import tvm.s_tir.tensor_intrin``.
+
+    That import parses every tensor intrinsic TVM ships (CUDA, ARM, Hexagon, ...): 90 s on a
+    2-core CPU, paid by every build worker, and MetaSchedule starts new workers for each batch
+    of candidates, so every build timed out. The candidates arrive already scheduled (any
+    tensorization was done in the tuning process), so building them needs no intrinsic table.
+    """
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def _tune(mod: Any, target: Any, options: TuningOptions) -> None:
+    from tvm.s_tir import meta_schedule as ms
+
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    if options.ops:
+        tasks = [t for t in tasks if any(op in t.task_name for op in options.ops)]
+    per_task = options.trials_per_task or max(
+        options.trials_per_iter, options.trials // max(len(tasks), 1)
+    )
+    start = time.perf_counter()
+    ms.relax_integration.tune_relax(
+        mod,
+        {},
+        target,
+        str(options.work_dir),
+        max_trials_global=options.trials,
+        op_names=list(options.ops) if options.ops else None,
+        max_trials_per_task=per_task,
+        num_trials_per_iter=min(options.trials_per_iter, per_task, options.trials),
+        cost_model=_cost_model(),
+        builder=ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=60),
+        seed=0,
+    )
+    options.summary.update(
+        tasks=len(tasks),
+        trials_per_task=per_task,
+        cost_model=_cost_model(),
+        tune_seconds=round(time.perf_counter() - start, 1),
+    )
+
+
+def _record_count(work_dir: Path) -> int:
+    records = work_dir / "database_tuning_record.json"
+    if not records.is_file():
+        return 0
+    return sum(1 for line in records.read_text().splitlines() if line.strip())
+
+
+def cpu_pipeline(target: Any, tuning: TuningOptions | None = None) -> Any:
+    """TVM's CPU Relax pipeline (fusion included), tuning the fused kernels if ``tuning``."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="hyq.CpuPipeline")
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            mod = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+            )(mod)
+            if tuning is not None:
+                tuning.work_dir.mkdir(parents=True, exist_ok=True)
+                if tuning.trials > 0:
+                    _tune(mod, target, tuning)
+                mod = relax.transform.MetaScheduleApplyDatabase(str(tuning.work_dir))(mod)
+                tuned, kernels = _scheduled_kernels(mod)
+                tuning.summary.update(
+                    database=str(tuning.work_dir),
+                    trials=tuning.trials,
+                    records=_record_count(tuning.work_dir),
+                    kernels=kernels,
+                    kernels_from_database=tuned,
+                )
+            return tvm.transform.Sequential(
+                cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+            )(mod)
+
+    return _pipeline
