@@ -43,7 +43,8 @@ from hyq_fx.quantize import quantizers_mode  # noqa: E402
 
 MODELS = ("mobilevit_xxs.cifar10", "mobilevitv2_050.cifar10")
 VARIANTS = (
-    "torch_fp32", "ort_fp32", "ort_qdq_auto", "ort_qdq_exact", "ort_static", "tvm_fp32", "tvm_int8"
+    "torch_fp32", "ort_fp32", "ort_qdq_auto", "ort_qdq_exact", "ort_static", "tvm_fp32", "tvm_int8",
+    "tvm_int8_tuned",
 )  # fmt: skip
 LABELS = {
     "torch_fp32": "torch FP32 eager",
@@ -53,6 +54,7 @@ LABELS = {
     "ort_static": "onnxruntime quantize_static (QDQ, per-channel, min-max)",
     "tvm_fp32": "TVM Relax FP32, llvm, untuned (default schedules)",
     "tvm_int8": "TVM Relax int8 conv/matmul (IntegerizeQDQ), llvm, untuned",
+    "tvm_int8_tuned": "TVM Relax int8, llvm, MetaSchedule-tuned conv/matmul (batch-1 library)",
     "fake_quant": "hyq-fx fake-quant GraphModule (reference)",
 }
 
@@ -95,6 +97,18 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> tuple[dict[str, 
                 export_s[key] = time.perf_counter() - start
             runners[key] = TvmRunner(lib)
             paths[key] = lib
+    if args.tune_trials:  # static batch 1 (tuning needs static shapes); database beside it
+        from hyq_fx.backends.tvm_relax import TvmRunner, build_tvm
+
+        lib = work / f"{name}.{args.recipe}.tvm_int8_tuned_b1.so"
+        if not lib.exists():
+            # a database beside it (an earlier or interrupted tuning) is applied, not re-tuned
+            trials = 0 if lib.with_suffix(".tuning").is_dir() else args.tune_trials
+            start = time.perf_counter()
+            build_tvm(qgm, example[:1], "llvm", lib, dynamic_batch=False, tune_trials=trials)
+            export_s["tvm_int8_tuned"] = time.perf_counter() - start
+        runners["tvm_int8_tuned"] = TvmRunner(lib)
+        paths["tvm_int8_tuned"] = lib
     for key, path in paths.items():
         if key.startswith("tvm_"):
             continue
@@ -108,6 +122,7 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> tuple[dict[str, 
         "export_s": export_s,
         "nodes": nodes,
         "report": runners["ort_qdq_auto"].export_report,
+        "tvm_tuning": getattr(runners.get("tvm_int8_tuned"), "meta", {}).get("tuning"),
     }
     return runners, extra
 
@@ -145,6 +160,8 @@ def time_interleaved(
     """Per round, one run of each variant; torch eager only in the first ``torch_runs`` rounds
     (it is 10-50x slower than ONNX Runtime here and would dominate the benchmark's time)."""
     x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
+    # a static-batch library (the tuned one) is timed at its own batch size only
+    runners = {k: fn for k, fn in runners.items() if getattr(fn, "batch", None) in (None, batch)}
     times: dict[str, list[float]] = {k: [] for k in runners}
     with torch.no_grad():
         for r in range(warmup + runs):
@@ -171,6 +188,12 @@ def main() -> None:
     p.add_argument("--eval-limit", type=int, default=0, help="top-1 on N dev images (0: skip)")
     p.add_argument("--ort-static", action="store_true", help="add onnxruntime quantize_static")
     p.add_argument("--tvm", action="store_true", help="add TVM llvm FP32 and int8 builds")
+    p.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        help="add a MetaSchedule-tuned TVM int8 library (batch 1) with this trial budget",
+    )
     p.add_argument("--work", default="/tmp/hyq-latency", help="cache of artifacts and .onnx")
     p.add_argument("--out", default=str(RESULTS / "latency"), help="results path stem")
     p.add_argument("--fresh", action="store_true", help="ignore rows saved by an earlier run")
@@ -198,6 +221,7 @@ def main() -> None:
                 "optimized_nodes": extra["nodes"],
                 "requantized_convs": len(extra["report"].get("requantized", [])),
                 "float_convs": len(extra["report"].get("float_convs", [])),
+                "tvm_tuning": extra["tvm_tuning"],
             },
         )
         for batch in args.batches:
@@ -301,6 +325,20 @@ def write_markdown(store: ResultStore, path: Path) -> None:
             for v, counts in meta.get("optimized_nodes", {}).items():
                 top = ", ".join(f"{k} {n}" for k, n in list(counts.items())[:12])
                 lines.append(f"- ORT-optimized graph, {v}: {top}")
+            tuning = meta.get("tvm_tuning")
+            if tuning:
+                searched = (
+                    f"{tuning['trials']} trials over {tuning.get('tasks')} conv/matmul kernels "
+                    f"({tuning.get('trials_per_task')} per kernel at most, cost model "
+                    f"{tuning.get('cost_model')}) in {tuning.get('tune_seconds')} s"
+                    if tuning.get("trials")
+                    else f"built from an earlier tuning's database ({tuning['records']} records)"
+                )
+                lines.append(
+                    f"- TVM MetaSchedule: {searched}; {tuning.get('kernels_from_database')} of "
+                    f"{tuning.get('kernels')} fused kernels scheduled from the database, the rest "
+                    "untuned"
+                )
         acc = [r for r in rows.values() if r.get("model") == model and "n_eval" in r]
         for r in acc:
             lines += ["", f"Top-1 on {r['n_eval']} dev images (agreement with fake-quant, %):", ""]
