@@ -99,6 +99,8 @@ TARGETS: dict[str, dict[str, Any]] = {
     "cuda": {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}},
 }
 CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc"}
+# LLVM's objects carry DWARF debug info (a third of an int8 library's bytes): not shipped
+LINK_OPTIONS = ["-Wl,--strip-debug"]
 
 
 class TvmBackendError(RuntimeError):
@@ -755,8 +757,7 @@ def _export(executable: Any, out_path: Path, name: str) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     cross = CROSS_CC.get(name)
     if cross is None:
-        # LLVM's objects carry DWARF debug info (a third of an int8 library's bytes): not shipped
-        executable.export_library(str(out_path), options=["-Wl,--strip-debug"])
+        executable.export_library(str(out_path), options=LINK_OPTIONS)
         return
     if shutil.which(cross) is None:
         raise TvmBackendError(
@@ -764,7 +765,7 @@ def _export(executable: Any, out_path: Path, name: str) -> None:
             "install it (Debian/Ubuntu: apt-get install -y gcc-aarch64-linux-gnu)"
         )
     executable.export_library(
-        str(out_path), fcompile=tvm_cc.cross_compiler(cross), options=["-Wl,--strip-debug"]
+        str(out_path), fcompile=tvm_cc.cross_compiler(cross), options=LINK_OPTIONS
     )
 
 
@@ -1056,6 +1057,8 @@ def export_tvm(
     if not shape:
         raise TvmBackendError(f"{out_dir}: the artifact does not record its input shape")
     batch = int(options.pop("batch", 1))
+    if batch < 1:
+        raise TvmBackendError(f"batch must be >= 1, got {batch}")
     if options.get("tune_trials"):
         options.setdefault("dynamic_batch", False)
     example = torch.zeros(batch, *shape)

@@ -86,9 +86,9 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> tuple[dict[str, 
             ort_quantize_static(paths["ort_fp32"], paths["ort_static"], calib_ds)
     runners: dict[str, Any] = {"torch_fp32": model.eval()}
     nodes = {}
-    if args.tvm:  # built once per model and cached in --work
+    if args.tvm or args.tune_trials:
         from hyq_fx.backends.tvm_relax import TvmRunner, build_tvm
-
+    if args.tvm:  # built once per model and cached in --work
         for key, integer in (("tvm_fp32", False), ("tvm_int8", True)):
             lib = work / f"{name}.{args.recipe}.{key}.so"
             if not lib.exists():
@@ -98,8 +98,6 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> tuple[dict[str, 
             runners[key] = TvmRunner(lib)
             paths[key] = lib
     if args.tune_trials:  # static batch 1 (tuning needs static shapes); database beside it
-        from hyq_fx.backends.tvm_relax import TvmRunner, build_tvm
-
         lib = work / f"{name}.{args.recipe}.tvm_int8_tuned_b1.so"
         if not lib.exists():
             # a database beside it (an earlier or interrupted tuning) is applied, not re-tuned
