@@ -150,3 +150,26 @@ def test_reconstruct_blocks_lowers_every_block_and_the_logit_error(data):
     assert all(r["loss_after"] <= r["loss_before"] for r in records), records
     assert any(r["loss_after"] < r["loss_before"] for r in records), records
     assert _logit_sqnr(tuned, model, test) > _logit_sqnr(base, model, test)
+
+
+def test_reconstruct_blocks_undoes_scales_that_raise_the_held_out_error(data, monkeypatch):
+    calib, _ = data
+    base = hyq_fx.quantize(_model(), calib, "minmax", 4, 4, progress=False)
+    tuned = copy.deepcopy(base)
+    ctx = QuantContext(list(calib.split(16)), w_bits=4, a_bits=4, progress=False)
+    recon = get_pass("reconstruct_blocks")(ctx, steps=1, images=32, holdout=32, depth=1)
+
+    def overfit(gm, block, batches):  # a fit that claims a gain but clips every input hard
+        for op in block.ops:
+            for fq_node in op.all_input_nodes:
+                fq = gm.get_submodule(fq_node.target) if fq_node.op == "call_module" else None
+                if fq is not None and fq.role == "activation":
+                    fq.set_qparams(fq.scale * 0.05, fq.zero_point)
+        return {"loss_before": 1.0, "loss_after": 0.5}
+
+    monkeypatch.setattr(recon, "reconstruct", overfit)
+    assert not recon(tuned).modified
+    (check,) = [e for e in ctx.log if e.get("check")]
+    assert check["images"] == 32 and check["after"] > check["before"] and not check["kept"]
+    restored, original = quantizers(tuned), quantizers(base)
+    assert all(torch.equal(fq.scale, original[n].scale) for n, fq in restored.items())
