@@ -19,14 +19,17 @@ SHARED = Path(os.environ.get("HYQ_SHARED") or Path(__file__).resolve().parents[1
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
+    fields: dict[str, str] = {}
+    try:  # the first processor's entries
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    cpu = fields.get("model name") or platform.processor() or ""
+    flags = set(fields.get("flags", "").split())
+    # int8 speed depends on these: VNNI has the u8 x s8 -> s32 dot-product instruction
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
     import timm
 
     import hyq_fx
@@ -34,6 +37,7 @@ def machine() -> dict[str, Any]:
     info = {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "isa": "+".join(isa) or "unknown",
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
