@@ -194,6 +194,51 @@ def record_node_outputs(
     return found
 
 
+def holdout_images(batches: list[torch.Tensor], skip: int, n: int) -> torch.Tensor | None:
+    """Calibration images ``skip .. skip + n`` (those a pass did not fit on), or None if none."""
+    if n <= 0 or not batches:
+        return None
+    rest = torch.cat(batches)[skip : skip + n]
+    return rest if rest.shape[0] else None
+
+
+def float_outputs(gm: fx.GraphModule, images: torch.Tensor) -> list[torch.Tensor]:
+    """``gm``'s outputs with every quantizer off, per batch of 32 (the reference of
+    :func:`output_kl` for a pass that changes float parameters, e.g. biases)."""
+    from .quantize import quantizers_mode  # quantize imports this module
+
+    with torch.no_grad(), quantizers_mode(gm, "off"):
+        return [gm(batch) for batch in images.split(32)]
+
+
+def output_kl(
+    gm: fx.GraphModule,
+    images: torch.Tensor,
+    who: str,
+    reference: list[torch.Tensor] | None = None,
+) -> float:
+    """Mean ``KL(softmax(f(x)) ‖ softmax(f_q(x)))`` of ``gm``'s output over ``images``: the
+    quantized model against its float self (every quantizer off, or ``reference`` from
+    :func:`float_outputs` taken before a pass changed float parameters). Passes use it to
+    accept or undo what they did, on calibration images they did not fit on."""
+    refs = reference if reference is not None else float_outputs(gm, images)
+    total = 0.0
+    with torch.no_grad():
+        for batch, ref in zip(images.split(32), refs, strict=True):
+            got = gm(batch)
+            if not (isinstance(ref, torch.Tensor) and ref.is_floating_point()):
+                raise PassError(
+                    f"{who}: the held-out check needs a model returning one float tensor "
+                    f"(got {type(ref).__name__}); pass holdout=0 to skip it"
+                )
+            ref, got = ref.reshape(ref.shape[0], -1), got.reshape(got.shape[0], -1)
+            total += torch.nn.functional.kl_div(
+                got.double().log_softmax(-1), ref.double().log_softmax(-1),
+                reduction="sum", log_target=True,
+            ).item()  # fmt: skip
+    return total / images.shape[0]
+
+
 def first_images(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
     """The calibration batches cut to their first ``n`` images in all."""
     out: list[torch.Tensor] = []

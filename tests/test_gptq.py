@@ -173,3 +173,15 @@ def test_reconstruct_blocks_undoes_scales_that_raise_the_held_out_error(data, mo
     assert check["images"] == 32 and check["after"] > check["before"] and not check["kept"]
     restored, original = quantizers(tuned), quantizers(base)
     assert all(torch.equal(fq.scale, original[n].scale) for n, fq in restored.items())
+
+
+def test_reconstruct_blocks_skips_activation_bit_widths_above_max_bits(data):
+    calib, _ = data
+    gm = hyq_fx.quantize(_model(), calib, "minmax", 8, 8, progress=False)
+    scales = {n: fq.scale.clone() for n, fq in quantizers(gm).items()}
+    ctx = QuantContext(list(calib.split(16)), w_bits=8, a_bits=8, progress=False)
+    assert not get_pass("reconstruct_blocks")(ctx, steps=5, max_bits=4)(gm).modified
+    assert ctx.log == [{"pass": "reconstruct_blocks", "skipped": "a_bits > 4"}]
+    assert all(torch.equal(fq.scale, scales[n]) for n, fq in quantizers(gm).items())
+    with pytest.raises(PassError, match="max_bits"):
+        get_pass("reconstruct_blocks")(ctx, max_bits=1)
