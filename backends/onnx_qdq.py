@@ -75,6 +75,7 @@ __all__ = ["ExportError", "OnnxRunner", "export_artifact", "export_onnx_qdq", "o
 
 MIN_OPSET, MAX_OPSET = 17, 21
 REQUANTIZE = ("auto", "exact", "none")
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 FIT_IMAGES = 16  # images of ``calib`` used to fit requantization grids
 
@@ -323,10 +324,19 @@ def _where(n: fx.Node) -> str:
 
 class _Translator:
     def __init__(
-        self, gm: fx.GraphModule, shapes: dict, consts: dict, b: _Builder, *, requantize: str
+        self,
+        gm: fx.GraphModule,
+        shapes: dict,
+        consts: dict,
+        b: _Builder,
+        *,
+        requantize: str,
+        ort_contrib_ops: bool = False,
     ) -> None:
         self.gm, self.shapes, self.consts, self.b = gm, shapes, consts, b
         self.requantize = requantize
+        self.ort_contrib_ops = ort_contrib_ops
+        self.contrib_used = False  # a com.microsoft op was emitted: the model must import it
         self.samples: dict[fx.Node, torch.Tensor] = {}  # conv outputs, to fit requant grids
         self.env: dict[fx.Node, Any] = {}
         self.weight_q: dict[fx.Node, tuple[np.ndarray, _QParams]] = {}
@@ -747,6 +757,9 @@ def _rsqrt(t: _Translator, n, x):
 @_handles(aten.silu.default)
 def _silu_op(t: _Translator, n, x):
     xin = t.v(x)
+    if t.ort_contrib_ops:  # x·σ(x) in one kernel; ORT's own fusion misses it behind a shared DQ
+        t.contrib_used = True
+        return t.b.op("QuickGelu", [xin], n.name, domain=MS_DOMAIN, alpha=1.0)
     return t.b.op("Mul", [xin, t.b.op("Sigmoid", [xin], f"{n.name}_sig")], n.name)
 
 
@@ -1093,6 +1106,7 @@ def export_onnx_qdq(
     requantize: str = "none",
     calib: torch.Tensor | None = None,
     check: bool = True,
+    ort_contrib_ops: bool = False,
 ) -> Path:
     """Write ``gm`` (a calibrated hyq-fx GraphModule) to ``path`` as a QDQ ONNX model.
 
@@ -1103,7 +1117,12 @@ def export_onnx_qdq(
     an extra rounding with a fitted grid for SiLU/GELU/Hardswish); ``"exact"`` only where exact.
     ``calib``: images (calibration images; the first 16 are used) on which the SiLU/GELU grids
     are fitted; without them a grid is derived from the next quantizer's range alone.
-    ``check`` runs ``onnx.checker``.
+    ``check`` runs ``onnx.checker``. ``ort_contrib_ops`` writes SiLU as ONNX Runtime's
+    ``com.microsoft.QuickGelu(alpha=1)`` (same values): behind a requantized conv, the
+    DequantizeLinear feeding both halves of ``x·Sigmoid(x)`` is duplicated by ORT's QDQ
+    handling, so its own SiLU fusion fails and Sigmoid and Mul run as two passes over the tensor
+    (on mobilevit_xxs at batch 32 a quarter of the int8 model's kernel time); the file then
+    needs ONNX Runtime.
     Quantizers in mode ``off`` are exported as float.
     The export report (requantized convs, float convs) and ``gm.meta["hyq"]`` (recipe, bits,
     preprocessing) are stored in the model's metadata as JSON under ``hyq`` and
@@ -1145,7 +1164,7 @@ def export_onnx_qdq(
     consts = runs[0].values
 
     b = _Builder(opset)
-    tr = _Translator(gm, shapes, consts, b, requantize=requantize)
+    tr = _Translator(gm, shapes, consts, b, requantize=requantize, ort_contrib_ops=ort_contrib_ops)
     if requantize == "auto" and calib is not None:  # conv outputs before a smooth activation
         smooth = {
             n
@@ -1180,7 +1199,10 @@ def export_onnx_qdq(
         initializer=list(b.inits.values()),
     )
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="hyq-fx"
+        graph,
+        opset_imports=[helper.make_opsetid("", opset)]
+        + ([helper.make_opsetid(MS_DOMAIN, 1)] if tr.contrib_used else []),
+        producer_name="hyq-fx",
     )
     model.ir_version = min(model.ir_version, 10)
     meta = gm.meta.get("hyq", {})
@@ -1219,6 +1241,7 @@ def export_artifact(
     n_images: int = 32,
     requantize: str = "none",
     opset: int = MIN_OPSET,
+    ort_contrib_ops: bool = False,
 ) -> Path:
     """Export the quantized model saved in ``out_dir`` (``hyq-fx quantize --out``) to
     ``onnx_path`` (default ``out_dir/model.qdq.onnx``); ``calib_dir``: an ImageFolder whose
@@ -1236,7 +1259,10 @@ def export_artifact(
         calib = torch.stack([ds[i][0] for i in range(len(ds))])
         example = calib[:1]
     path = Path(onnx_path) if onnx_path is not None else Path(out_dir) / "model.qdq.onnx"
-    return export_onnx_qdq(gm, path, example, opset=opset, requantize=requantize, calib=calib)
+    return export_onnx_qdq(
+        gm, path, example, opset=opset, requantize=requantize, calib=calib,
+        ort_contrib_ops=ort_contrib_ops,
+    )  # fmt: skip
 
 
 def onnx_node_counts(path: str | os.PathLike[str]) -> dict[str, int]:

@@ -6,6 +6,8 @@ For each shared CIFAR-10 checkpoint it quantizes with hyq-fx (``--recipe``, W8A8
 * ``ort_fp32``: the float graph (every quantizer off) through the same ONNX translator;
 * ``ort_qdq_auto`` (ours): ``export_onnx_qdq(requantize="auto")``, conv outputs requantized so
   ONNX Runtime runs ``QLinearConv``; linears/attention matmuls run ``MatMulIntegerToFloat``;
+* ``ort_qdq_auto_ms`` (ours): the same with ``ort_contrib_ops=True`` (SiLU written as ONNX
+  Runtime's ``com.microsoft.QuickGelu``);
 * ``ort_qdq_exact`` (ours): ``requantize="none"``, the exact fake-quant graph (float convs);
 * ``ort_static`` (with ``--ort-static``): ONNX Runtime's own ``quantize_static`` of the FP32
   ONNX (QDQ, per-channel int8 weights, uint8 min-max activations, same calibration images),
@@ -43,13 +45,14 @@ from hyq_fx.quantize import quantizers_mode  # noqa: E402
 
 MODELS = ("mobilevit_xxs.cifar10", "mobilevitv2_050.cifar10")
 VARIANTS = (
-    "torch_fp32", "ort_fp32", "ort_qdq_auto", "ort_qdq_exact", "ort_static", "tvm_fp32", "tvm_int8",
-    "tvm_int8_tuned",
+    "torch_fp32", "ort_fp32", "ort_qdq_auto", "ort_qdq_auto_ms", "ort_qdq_exact", "ort_static",
+    "tvm_fp32", "tvm_int8", "tvm_int8_tuned",
 )  # fmt: skip
 LABELS = {
     "torch_fp32": "torch FP32 eager",
     "ort_fp32": "onnxruntime FP32",
     "ort_qdq_auto": "onnxruntime QDQ int8, ours (requantize=auto: QLinearConv)",
+    "ort_qdq_auto_ms": "onnxruntime QDQ int8, ours (auto + SiLU as com.microsoft.QuickGelu)",
     "ort_qdq_exact": "onnxruntime QDQ int8, ours (requantize=none: exact fake-quant)",
     "ort_static": "onnxruntime quantize_static (QDQ, per-channel, min-max)",
     "tvm_fp32": "TVM Relax FP32, llvm, untuned (default schedules)",
@@ -70,13 +73,20 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> tuple[dict[str, 
     example = calib[:2]
     paths = {
         "ort_qdq_auto": work / f"{name}.qdq_auto.onnx",
+        "ort_qdq_auto_ms": work / f"{name}.qdq_auto_ms.onnx",
         "ort_qdq_exact": work / f"{name}.qdq_exact.onnx",
         "ort_fp32": work / f"{name}.fp32.onnx",
     }
     export_s = {}
-    for key, requantize in (("ort_qdq_auto", "auto"), ("ort_qdq_exact", "none")):
+    for key, requantize, contrib in (
+        ("ort_qdq_auto", "auto", False),
+        ("ort_qdq_auto_ms", "auto", True),
+        ("ort_qdq_exact", "none", False),
+    ):
         start = time.perf_counter()
-        export_onnx_qdq(qgm, paths[key], example, requantize=requantize, calib=calib)
+        export_onnx_qdq(
+            qgm, paths[key], example, requantize=requantize, calib=calib, ort_contrib_ops=contrib
+        )
         export_s[key] = time.perf_counter() - start
     with quantizers_mode(qgm, "off"):
         export_onnx_qdq(qgm, paths["ort_fp32"], example)

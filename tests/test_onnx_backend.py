@@ -131,6 +131,26 @@ def test_requantized_export_stays_close(exported, inputs, reference):
     assert sqnr > 12
 
 
+def test_silu_as_ort_quickgelu_computes_the_same_without_sigmoid_mul(
+    qxxs, exported, inputs, tmp_path
+):
+    _, qgm, calib = qxxs
+    path = export_onnx_qdq(
+        qgm, tmp_path / "ms.onnx", calib, requantize="auto", calib=calib, ort_contrib_ops=True
+    )  # onnx.checker ran on it (check=True)
+    model = onnx.load(path)
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    assert ops.count(("com.microsoft", "QuickGelu")) >= 20
+    assert not any(t == "Sigmoid" for _, t in ops)
+    assert any(o.domain == "com.microsoft" for o in model.opset_import)
+    opt = tmp_path / "opt.onnx"
+    out = OnnxRunner(path, optimized_model_path=opt)(inputs)
+    plain = OnnxRunner(exported["auto"])(inputs)
+    assert float((out - plain).abs().max()) < 1e-5 * float(plain.abs().max())
+    counts = onnx_node_counts(opt)
+    assert counts.get("Sigmoid", 0) == 0 and counts.get("QLinearConv", 0) >= 25, counts
+
+
 class _Small(torch.nn.Module):
     """conv → ReLU → conv → SiLU → pool → linear: few quantizers, so few one-step flips."""
 
