@@ -194,7 +194,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.to == "onnx":
         from .backends.onnx_qdq import export_artifact
 
-        path = export_artifact(args.out, calib_dir=args.calib)
+        path = export_artifact(
+            args.out,
+            calib_dir=args.calib,
+            requantize=args.requantize,
+            ort_contrib_ops=args.ort_contrib_ops,
+        )
     else:
         from .backends.tvm_relax import export_tvm
 
@@ -283,6 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--to", choices=("onnx", "tvm"), required=True)
     x.add_argument("--target", choices=("llvm", "aarch64", "cuda"), default="llvm")
     x.add_argument("--calib", help="ImageFolder to fit ONNX requantization grids (optional)")
+    x.add_argument(
+        "--requantize",
+        choices=("none", "exact", "auto"),
+        default="none",
+        help="onnx: none = the exact fake-quant graph (default); auto = conv outputs requantized "
+        "so onnxruntime runs QLinearConv (give --calib); exact = only where that is exact",
+    )
+    x.add_argument(
+        "--ort-contrib-ops",
+        action="store_true",
+        help="onnx: SiLU as com.microsoft.QuickGelu (same values, faster in onnxruntime; the "
+        "file then needs onnxruntime)",
+    )
     x.add_argument(
         "--tune-trials",
         type=int,

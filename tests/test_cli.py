@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -134,3 +135,17 @@ def test_demo_runs_data_free_and_saves(tmp_path, capsys):
     assert "--data" in result["real_top1"] or "--eval" in result["real_top1"]
     loaded = hyq_fx.load(out)
     assert sum(isinstance(m, torch.nn.Module) for m in loaded.modules()) > 1
+
+
+def test_export_onnx_requantized_with_ort_contrib_ops(quantized, capsys):
+    base, out, _ = quantized
+    capsys.readouterr()
+    argv = ["export", str(out), "--to", "onnx", "--calib", str(base / "calib"),
+            "--requantize", "auto", "--ort-contrib-ops"]  # fmt: skip
+    assert main(argv) == 0
+    path = Path(json.loads(capsys.readouterr().out)["out"])
+    model = onnx.load(path)
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    assert ("com.microsoft", "QuickGelu") in ops and ("", "Sigmoid") not in ops
+    report = json.loads(next(p.value for p in model.metadata_props if p.key == "hyq_export"))
+    assert len(report["requantized"]) >= 25
