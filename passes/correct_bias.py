@@ -36,6 +36,7 @@ from hyq_fx.pass_base import (
     PassResult,
     QuantContext,
     add_constant,
+    first_images,
     float_outputs,
     get_tensor,
     holdout_images,
@@ -111,8 +112,7 @@ class CorrectBias(HyqPass):
         ]
         if not ops:
             return PassResult(gm, False)
-        images = torch.cat(self.ctx.calib_batches)
-        fit = list(images[: self.images].split(16))
+        fit = first_images(self.ctx.calib_batches, self.images)
         held_out = holdout_images(self.ctx.calib_batches, self.images, self.holdout)
         reference = float_outputs(gm, held_out) if held_out is not None else None
         before = output_kl(gm, held_out, self.name, reference) if held_out is not None else None

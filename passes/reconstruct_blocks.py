@@ -40,6 +40,7 @@ from hyq_fx.pass_base import (
     PassError,
     PassResult,
     QuantContext,
+    float_outputs,
     holdout_images,
     output_kl,
     quantizers,
@@ -114,7 +115,9 @@ class ReconstructBlocks(ReconstructBridgeBlocks):
         batches = self._batches()
         held_out = holdout_images(self.ctx.calib_batches, self.images, self.holdout)
         saved = {n: (fq.scale.clone(), fq.zero_point.clone()) for n, fq in quantizers(gm).items()}
-        before = output_kl(gm, held_out, self.name) if held_out is not None else None
+        # quantizer scales do not change the float model: one reference serves both checks
+        reference = float_outputs(gm, held_out) if held_out is not None else None
+        before = output_kl(gm, held_out, self.name, reference) if held_out is not None else None
         modified = False
         bar = tqdm(blocks, desc="reconstruct", disable=not self.ctx.progress, leave=False)
         with torch.enable_grad():
@@ -123,7 +126,7 @@ class ReconstructBlocks(ReconstructBridgeBlocks):
                 modified |= record["loss_after"] < record["loss_before"]
                 self.ctx.log.append({"pass": self.name, **record})
         if before is not None and modified:
-            after = output_kl(gm, held_out, self.name)
+            after = output_kl(gm, held_out, self.name, reference)
             kept = after < before
             self.ctx.log.append({
                 "pass": self.name, "check": "held-out output KL", "images": held_out.shape[0],
