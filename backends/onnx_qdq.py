@@ -7,29 +7,36 @@ Runtime, `onnxruntime.ai/docs/performance/model-optimizations/quantization.html`
     activation:  x̂ = DequantizeLinear(Clip(QuantizeLinear(x, s, z), qmin, qmax), s, z)
     weight:      Ŵ = DequantizeLinear(W_q, s, z, axis),  W_q = clamp(round(W/s) + z, qmin, qmax)
 
-``W_q`` is computed here and stored once as an int8 (symmetric) / uint8 (asymmetric) initializer,
-so the file holds one byte per weight. A per-channel activation quantizer (the depthwise conv input
-of ``insert_quantizers(depthwise_per_channel=True)``) is a per-axis pair, ``QuantizeLinear`` /
-``DequantizeLinear`` with ``axis`` and ``[C]`` scale / zero point (ONNX opset ≥ 13); the conv it
-feeds is not requantized (``QLinearConv`` takes one input scale). ``Clip`` is emitted only where
-the range is narrower than the 8-bit container (symmetric ``±127``, or fewer than 8 bits); weights
-of fewer than 8 bits are pre-rounded into the int8 container, so ``DQ(W_q)`` is exact. Symmetric
-activations are stored as uint8 with ``z + 128`` (the same grid), because ONNX Runtime's x86
-integer kernels take uint8 activations.
+``W_q`` is computed here and stored once as an int8 (symmetric) / uint8 (asymmetric) initializer, so
+the file holds one byte per weight. A per-channel activation quantizer (the depthwise conv input of
+``insert_quantizers(depthwise_per_channel=True)``) is a per-axis pair, ``QuantizeLinear`` /
+``DequantizeLinear`` with ``axis`` and ``[C]`` scale / zero point (ONNX opset ≥ 13). Where the conv
+it feeds is requantized (below), the per-channel scale is folded into the conv instead, so that ONNX
+Runtime still runs ``QLinearConv`` (which takes one input scale): the per-axis QuantizeLinear codes
+are read through one ``(s̄, z̄)``, a depthwise conv's weight scales take ``s_c/s̄``, a 1x1 conv
+after ``scale_bottleneck_outliers`` drops its ``Q_w(W·α)·α⁻¹`` product (``s_c = s̄·α_c``: the α
+cancel), and unequal zero points become a bias term (the input is zero-padded in float before
+QuantizeLinear); see ``_fold_channel_scales``. ``Clip`` is emitted only where the range is narrower
+than the 8-bit container (symmetric ``±127``, or fewer than 8 bits); weights of fewer than 8 bits
+are pre-rounded into the int8 container, so ``DQ(W_q)`` is exact. Symmetric activations are stored
+as uint8 with ``z + 128`` (the same grid), because ONNX Runtime's x86 integer kernels take uint8
+activations.
 
-With ``requantize="auto"`` (opt-in), where a conv's output reaches the next quantizer
-``Q_n`` through at most one activation ``f`` and data-movement ops, the conv output is also
-requantized, ``y → DQ(Q(y, s_y, z_y))``, so that ONNX Runtime fuses ``DQ → Conv → Q`` into
-``QLinearConv`` (uint8 × int8, int32 accumulation, uint8 output). For ``f`` = identity / ReLU
-``(s_y, z_y)`` is ``Q_n``'s own and the result is exact (``Q_n(f(DQ(Q_n(y)))) = Q_n(f(y))``).
-For SiLU / GELU / Hardswish it is an extra rounding the fake-quant graph does not have: the
-uint8 grid spans ``[a, f⁻¹(hi_n)]`` (above, ``Q_n`` saturates anyway), ``a`` chosen to minimise
-``E[(Q_n(f(ŷ)) − Q_n(f(y)))²]`` on calibration images (without images: where ``|f(a)|`` falls
-under half a step of ``Q_n``). ``requantize="exact"`` keeps only the exact cases, ``"none"``
-(default) none, so the file computes the fake-quant graph that hyq-fx evaluated, up to one-step
-flips where float sums differ in the last bit (convs not followed by a quantizer then run in
-float on the int8-stored weights). Linear layers and
-activation matmuls need no requantization: ``DQ → MatMul`` becomes
+With ``requantize="auto"`` (opt-in), where a conv's output reaches the next quantizer ``Q_n``
+through at most one activation ``f`` and data-movement ops, the conv output is also requantized,
+``y → DQ(Q(y, s_y, z_y))``, so that ONNX Runtime fuses ``DQ → Conv → Q`` into ``QLinearConv``
+(uint8 × int8, int32 accumulation, uint8 output). For ``f`` = identity / ReLU ``(s_y, z_y)`` is
+``Q_n``'s own and the result is exact (``Q_n(f(DQ(Q_n(y)))) = Q_n(f(y))``). For SiLU / GELU /
+Hardswish it is an extra rounding the fake-quant graph does not have: the uint8 grid spans ``[a,
+f⁻¹(hi_n)]`` (above, ``Q_n`` saturates anyway), ``a`` chosen to minimise ``E[(Q_n(f(ŷ)) −
+Q_n(f(y)))²]`` on calibration images (without images: where ``|f(a)|`` falls under half a step of
+``Q_n``). In front of a per-channel ``Q_n`` one uint8 grid serves all channels: it is fitted the
+same way and kept only where it adds at most ``MAX_ADDED_ERROR`` (10 %) to ``Q_n``'s own error on
+those images (typically at ≤ 6 bits; 8-bit channels of unequal range would lose more, and the conv
+stays float). ``requantize="exact"`` keeps only the exact cases, ``"none"`` (default) none, so the
+file computes the fake-quant graph that hyq-fx evaluated, up to one-step flips where float sums
+differ in the last bit (convs not followed by a quantizer then run in float on the int8-stored
+weights). Linear layers and activation matmuls need no requantization: ``DQ → MatMul`` becomes
 ``MatMulIntegerToFloat`` (or ``QLinearMatMul``). Biases of requantized convs are int32 at scale
 ``s_x·s_w``.
 
@@ -43,7 +50,10 @@ matches the float graph to 1e-5 (any batch size); with ``requantize="none"`` it 
 fake-quant graph up to one-step flips where torch and ONNX Runtime round float sums that differ
 in the last bits (SQNR bound); weights are int8 initializers behind per-channel
 DequantizeLinear nodes, the file is ≤ 0.35x the FP32 one, and ONNX Runtime runs QLinearConv /
-MatMulIntegerToFloat kernels.
+MatMulIntegerToFloat kernels; a conv behind a per-channel input quantizer (depthwise, or a 1x1
+conv after outlier scaling) runs as QLinearConv and matches the fake-quant model to float
+rounding (SQNR > 80 dB), and a requantization grid before a per-channel quantizer is kept only
+when its measured added error is under the bound.
 """
 
 from __future__ import annotations
@@ -78,6 +88,7 @@ REQUANTIZE = ("auto", "exact", "none")
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 FIT_IMAGES = 16  # images of ``calib`` used to fit requantization grids
+MAX_ADDED_ERROR = 0.1  # requantize before a per-channel quantizer only if it adds ≤ 10 % error
 
 
 class ExportError(ValueError):
@@ -213,6 +224,50 @@ def _requant_range(
     return float(a[int(err.argmin())]), top
 
 
+def _requant_range_per_channel(
+    f: Callable[[torch.Tensor], torch.Tensor], qn: _QParams, y: torch.Tensor
+) -> tuple[_QParams, float]:
+    """The uint8 grid for a conv output ``y`` [N, C, H, W] that goes through ``f`` into a
+    per-channel quantizer ``Q_n`` (scales ``s_c``, zero points ``z_c`` on axis 1), and the error
+    it adds: ``E[(Q_n(f(ŷ)) − Q_n(f(y)))²] / E[(Q_n(f(y)) − f(y))²]``.
+
+    One uint8 grid serves every channel, so where the channels' ranges differ a lot it is
+    coarser than the finest channel's own grid; the caller requantizes only where the added
+    error is small (``MAX_ADDED_ERROR``). The grid ``[a, t]`` is searched over ``t`` (the
+    widest channel's ``f⁻¹(hi_c)``, or clipped to a fraction of it) and ``a`` (16 candidates
+    between the smallest sample and 0) on at most 2048 samples per channel.
+    """
+    n_ch = y.shape[1]
+    y = y.detach().double().transpose(0, 1).reshape(n_ch, -1)
+    y = y[:, :: max(1, y.shape[1] // 2048)][:, :2048]
+    scale = torch.as_tensor(qn.scale, dtype=torch.float64).reshape(n_ch, 1)
+    zp = torch.as_tensor(qn.zero_point.astype(np.float64)).reshape(n_ch, 1)
+    ref = _grid(f(y), scale, zp, qn.qmin, qn.qmax)
+    own = float((ref - f(y)).pow(2).mean()) + 1e-30
+    hi = float(((qn.qmax - zp) * scale).max())
+    top_max = _preimage(f, hi) if hi > 0 else 1e-6
+    best = (math.inf, -top_max / 254, top_max)
+    for top in top_max * np.array([1.0, 0.7, 0.5, 0.35]):
+        a = torch.linspace(min(float(y.min()), -top / 254), -top / 254, 16, dtype=torch.float64)
+        for lo in a.tolist():
+            step = (top - lo) / 255.0
+            z = min(max(round(-lo / step), 0), 255)
+            y_hat = (torch.clamp(torch.round(y / step) + z, 0, 255) - z) * step
+            err = float((_grid(f(y_hat), scale, zp, qn.qmin, qn.qmax) - ref).pow(2).mean())
+            if err < best[0]:
+                best = (err, lo, float(top))
+    return _uint8_grid(best[1], best[2]), best[0] / own
+
+
+def _uint8_grid(lo: float, hi: float) -> _QParams:
+    """The asymmetric uint8 grid spanning ``[lo, hi]``."""
+    scale = max((hi - lo) / 255.0, 1e-12)
+    zp = int(np.clip(np.rint(-lo / scale), 0, 255))
+    return _QParams(
+        TensorProto.UINT8, np.asarray(scale, np.float32), np.asarray(zp, np.uint8), 0, 255, None
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # the ONNX graph under construction
 
@@ -248,6 +303,18 @@ class _Builder:
 
     def ints(self, values: Sequence[int]) -> str:
         return self.const(list(values), np.int64)
+
+    def prune(self, outputs: Sequence[str]) -> None:
+        """Drop the nodes and initializers no output depends on (a per-channel QDQ pair, or a
+        weight product, that a folded conv replaced)."""
+        needed = set(outputs)
+        kept = []
+        for node in reversed(self.nodes):
+            if any(o in needed for o in node.output):
+                kept.append(node)
+                needed.update(i for i in node.input if i)
+        self.nodes = kept[::-1]
+        self.inits = {k: v for k, v in self.inits.items() if k in needed}
 
     def op(self, op_type: str, inputs: Sequence[str], base: str, n_out: int = 1, **attrs):
         outs = [self.fresh(f"{base}" if n_out == 1 else f"{base}_{i}") for i in range(n_out)]
@@ -342,7 +409,8 @@ class _Translator:
         self.weight_q: dict[fx.Node, tuple[np.ndarray, _QParams]] = {}
         self._weights: dict[tuple[fx.Node, bool], str] = {}  # each weight is stored once
         self.act_q: dict[str, _QParams] = {}  # DQ output name → its quantizer
-        self.report: dict[str, Any] = {"requantized": [], "float_convs": []}
+        self.act_pc: dict[str, tuple[str, _QParams]] = {}  # per-axis-1 DQ → (float input, Q)
+        self.report: dict[str, Any] = {"requantized": [], "float_convs": [], "channel_folded": []}
 
     # ---- helpers
     def fq(self, n: fx.Node) -> FakeQuantizer:
@@ -434,6 +502,8 @@ class _Translator:
         out = self.b.op("DequantizeLinear", [q, s, z], f"{base}_dq", **kw)
         if axis is None:
             self.act_q[out] = qp
+        elif axis == 1:
+            self.act_pc[out] = (x, qp)
         return out
 
     def weight(self, n: fx.Node, *, transpose: bool = False) -> str:
@@ -468,9 +538,39 @@ class _Translator:
         each tensor on it ("exact"); ``"auto"`` also accepts side uses (a residual branch then
         sees the requantized value) and smooth activations (a derived grid).
         """
-        if self.requantize == "none":
+        path = self._requant_path(conv)
+        if path is None:
             return None
         strict = self.requantize == "exact"
+        act, target = path
+        fq = self.fq(target)
+        if fq.mode != "quantize" or fq.spec.bits > 8:
+            return None
+        qp = _qparams(fq, _where(target), as_weight=False)
+        if qp.dtype != TensorProto.UINT8:
+            return None
+        if qp.axis is not None:  # per-channel target: one uint8 grid can only approximate it
+            y = self.samples.get(conv)
+            if strict or y is None or y.dim() != 4 or qp.axis % 4 != 1:
+                return None
+            f = _SMOOTH_ACTS.get(act, torch.relu if act in _EXACT_ACTS else (lambda v: v))
+            grid, added = _requant_range_per_channel(f, qp, y)
+            if added > MAX_ADDED_ERROR:
+                return None
+            return grid, f"uint8 grid for per-channel {target.target}: +{added:.0%} error"
+        if act is None or act in _EXACT_ACTS:
+            why = f"grid of {target.target}" + (f" through {act.__name__}" if act else "")
+            return _QParams(qp.dtype, qp.scale, qp.zero_point, 0, 255, None), why
+        if strict:
+            return None
+        y_lo, y_hi = _requant_range(_SMOOTH_ACTS[act], qp, self.samples.get(conv))
+        why = f"{act.__name__} range [{y_lo:.3g}, {y_hi:.3g}] for {target.target}"
+        return _uint8_grid(y_lo, y_hi), why
+
+    def _requant_path(self, conv: fx.Node) -> tuple[Any, fx.Node] | None:
+        """``(activation or None, quantizer node)`` that the conv output reaches, or None."""
+        if self.requantize == "none":
+            return None
         users = list(conv.users)
         act = None
         if (
@@ -479,35 +579,16 @@ class _Translator:
             and (users[0].target in _SMOOTH_ACTS or users[0].target in _EXACT_ACTS)
         ):
             act, users = users[0].target, list(users[0].users)
-        target = self._find_quantizer(users, strict)
-        if target is None:
-            return None
-        fq = self.fq(target)
-        if fq.mode != "quantize" or fq.spec.per_channel or fq.spec.bits > 8:
-            return None
-        qp = _qparams(fq, _where(target), as_weight=False)
-        if qp.dtype != TensorProto.UINT8:
-            return None
-        if act is None or act in _EXACT_ACTS:
-            why = f"grid of {target.target}" + (f" through {act.__name__}" if act else "")
-            return _QParams(qp.dtype, qp.scale, qp.zero_point, 0, 255, None), why
-        if strict:
-            return None
-        y_lo, y_hi = _requant_range(_SMOOTH_ACTS[act], qp, self.samples.get(conv))
-        scale = max((y_hi - y_lo) / 255.0, 1e-12)
-        zp = int(np.clip(np.rint(-y_lo / scale), 0, 255))
-        why = f"{act.__name__} range [{y_lo:.3g}, {y_hi:.3g}] for {target.target}"
-        return (
-            _QParams(
-                TensorProto.UINT8,
-                np.asarray(scale, np.float32),
-                np.asarray(zp, np.uint8),
-                0,
-                255,
-                None,
-            ),
-            why,
-        )
+        target = self._find_quantizer(users, self.requantize == "exact")
+        return None if target is None else (act, target)
+
+    def needs_samples(self, conv: fx.Node) -> bool:
+        """Whether the conv's requantization grid is fitted on calibration outputs."""
+        path = self._requant_path(conv)
+        if path is None:
+            return False
+        act, target = path
+        return act in _SMOOTH_ACTS or self.fq(target).spec.per_channel
 
     def _find_quantizer(self, users: list[fx.Node], strict: bool) -> fx.Node | None:
         for _ in range(16):
@@ -623,6 +704,116 @@ def _weight_or_value(t: _Translator, a: fx.Node, transpose: bool = False) -> str
     return t.v(a)
 
 
+@dataclass
+class _FoldedInput:
+    """A conv whose input quantizer is per-channel, rewritten for one input scale (see
+    :func:`_fold_channel_scales`)."""
+
+    x: str  # QuantizeLinear(axis=1) → DequantizeLinear with the scalar (s̄, z̄)
+    qx: _QParams  # the scalar (s̄, z̄)
+    w: str  # DequantizeLinear of the int8 weight, per-output-channel scale
+    w_scale: np.ndarray  # [O] or [] float32
+    bias_shift: np.ndarray | None  # [O]: subtract from the bias (zero points z_c ≠ z̄)
+    kind: str
+
+
+def _constant(t: _Translator, a: Any) -> np.ndarray | None:
+    if isinstance(a, fx.Node) and (a.op == "get_attr" or a in t.consts):
+        v = t.consts.get(a)
+        v = getattr_path(t.gm, a.target) if v is None else v
+        return v.detach().double().numpy() if isinstance(v, torch.Tensor) else None
+    return None
+
+
+def _fold_channel_scales(
+    t: _Translator, n: fx.Node, x_in: str, w: fx.Node, groups: int, padding: list[int]
+) -> _FoldedInput | None:
+    """Fold a per-channel input quantizer ``(s_c, z_c)`` of a conv into its weights.
+
+    The fake-quant conv computes ``Σ_{c,t} Ŵ[o,c,t]·r_c·s_c·(q_{c,t} − z_c)`` with
+    ``Ŵ = s_w[o]·W_q`` and ``r_c`` the per-input-channel factor of a weight written as
+    ``Ŵ·r`` (``scale_bottleneck_outliers``' placement "quantizer", ``r = 1/α``). With the codes
+    ``q`` of the per-axis QuantizeLinear read through one scale ``s̄`` and zero point ``z̄``:
+
+    * depthwise (output ``o`` reads channel ``c(o)`` only): the weight scale becomes
+      ``s_w[o]·r_c·s_c/s̄``, the int8 weights stay;
+    * groups = 1: exact only when ``r_c·s_c`` is one value ``s̄`` (the α of the weight and of the
+      quantizer cancel); the weights stay.
+
+    Unequal zero points leave ``Σ_{c,t} s_w[o]·W_q[o,c,t]·r_c·s_c·(z_c − z̄)`` per output
+    channel, a constant once the input is zero-padded in float before QuantizeLinear (the pad
+    codes are then ``z_c``, the conv pads nothing): it is subtracted from the bias. Returns None
+    where the form does not apply (the conv then runs in float on the per-axis QDQ pair).
+    """
+    if x_in not in t.act_pc:
+        return None
+    x_float, qa = t.act_pc[x_in]
+    r = None
+    if w.op == "call_function" and w.target in (aten.mul.Tensor,) and len(w.args) == 2:
+        r = _constant(t, w.args[1])
+        w = w.args[0]
+        if r is None or r.ndim != 4 or r.shape[0] != 1 or r.shape[2:] != (1, 1):
+            return None
+        r = r.reshape(-1)
+    if w not in t.weight_q or qa.dtype != TensorProto.UINT8:
+        return None
+    w_q, qw = t.weight_q[w]
+    if np.any(qw.zero_point != 0) or qw.axis not in (None, 0) or w_q.ndim != 4:
+        return None
+    n_out, per_group = w_q.shape[:2]
+    sigma = qa.scale.astype(np.float64) * (1.0 if r is None else r)
+    n_in = sigma.size
+    w_s = np.broadcast_to(qw.scale.astype(np.float64), (n_out,))
+    if groups == 1 and per_group == n_in:
+        s_bar = float(sigma.mean())
+        if np.abs(sigma / s_bar - 1).max() > 1e-5:
+            return None
+        new_ws, channel, kind = w_s, None, "pointwise"
+    elif groups == n_in and per_group == 1 and n_out % n_in == 0:
+        s_bar = float(np.exp(np.log(sigma).mean()))
+        channel = np.arange(n_out) // (n_out // n_in)
+        new_ws, kind = w_s * sigma[channel] / s_bar, "depthwise"
+    else:
+        return None
+    z = qa.zero_point.astype(np.int64)
+    z_bar = int(np.median(z))
+    shift, x_src = None, x_float
+    if np.any(z != z_bar):
+        taps = w_q.astype(np.int64).reshape(n_out, per_group, -1).sum(-1)  # [O, C/g]
+        sig = sigma[None, :] if channel is None else sigma[channel][:, None]
+        dz = (z[None, :] if channel is None else z[channel][:, None]) - z_bar
+        shift = w_s * (taps * sig * dz).sum(1)
+        if any(padding):
+            pads = [0, 0, *padding, 0, 0, *padding]
+            x_src = t.b.op("Pad", [x_float, t.b.ints(pads)], f"{n.name}_pad")
+        kind += ", zero points via the bias"
+    base = f"{n.name}_in"
+    s_c, z_c = t.b.const(qa.scale), t.b.const(qa.zero_point, qa.zero_point.dtype)
+    q = t.b.op("QuantizeLinear", [x_src, s_c, z_c], f"{base}_q", axis=1)
+    if qa.needs_clip:
+        lo, hi = (t.b.const(v, qa.zero_point.dtype) for v in (qa.qmin, qa.qmax))
+        q = t.b.op("Clip", [q, lo, hi], f"{base}_clip")
+    qx = _QParams(
+        qa.dtype, np.asarray(s_bar, np.float32), np.asarray(z_bar, np.uint8), 0, 255, None
+    )
+    x_dq = t.b.op(
+        "DequantizeLinear", [q, t.b.const(qx.scale), t.b.const(qx.zero_point, np.uint8)], base
+    )
+    ws32 = new_ws.astype(np.float32)
+    src = w.args[0].name
+    w_dq = t.b.op(
+        "DequantizeLinear",
+        [
+            t.b.init(w_q, f"{src}_q"),
+            t.b.init(ws32, f"{src}_scale"),
+            t.b.init(np.zeros(n_out, w_q.dtype), f"{src}_zp"),
+        ],
+        f"{w.name}_dq",
+        axis=0,
+    )
+    return _FoldedInput(x_dq, qx, w_dq, ws32, shift, kind)
+
+
 @_handles(aten.conv2d.default, aten.conv1d.default)
 def _conv(t: _Translator, n, x, w, bias=None, stride=(1,), padding=(0,), dilation=(1,), groups=1):
     rank = t.rank(n.args[0]) - 2
@@ -635,31 +826,43 @@ def _conv(t: _Translator, n, x, w, bias=None, stride=(1,), padding=(0,), dilatio
     padding = list(padding) * (rank if len(padding) == 1 else 1)
     x_in = t.v(x)
     requant = t.requant_params(n)
-    fused = (
-        requant is not None
-        and x_in in t.act_q
-        and w in t.weight_q
-        and t.act_q[x_in].dtype == TensorProto.UINT8
-    )
-    w_in = _weight_or_value(t, w)
-    inputs = [x_in, w_in]
+    b = None  # the bias as a constant (None: no bias, or a computed one)
     if bias is not None:
+        b = t.consts.get(bias)
+        if b is None and bias.op == "get_attr":
+            b = getattr_path(t.gm, bias.target)
+        b = b.detach().double().numpy() if isinstance(b, torch.Tensor) else None
+    folded = None
+    if requant is not None and rank == 2 and (bias is None or b is not None):
+        folded = _fold_channel_scales(t, n, x_in, w, groups, padding)
+    if folded is not None:
+        x_in, w_in, qx, w_scale = folded.x, folded.w, folded.qx, folded.w_scale
+        if folded.bias_shift is not None and any(padding):
+            padding = [0] * len(padding)  # padded in float before QuantizeLinear
+        fused = True
+    else:
+        fused = (
+            requant is not None
+            and x_in in t.act_q
+            and w in t.weight_q
+            and t.act_q[x_in].dtype == TensorProto.UINT8
+            and (bias is None or b is not None)  # a computed bias keeps the conv in float
+        )
+        w_in = _weight_or_value(t, w)
         if fused:
-            qx, qw = t.act_q[x_in], t.weight_q[w][1]
-            bscale = (np.float64(qx.scale) * qw.scale.astype(np.float64)).astype(np.float32)
-            b = t.consts.get(bias)
-            if b is None and bias.op == "get_attr":
-                b = getattr_path(t.gm, bias.target)
-            if not isinstance(b, torch.Tensor):
-                fused = False  # a computed bias: keep the conv in float
-            else:
-                bq = np.rint(b.detach().double().numpy() / bscale).astype(np.int32)
-                axis = {} if bscale.ndim == 0 else {"axis": 0}
-                bname = t.b.init(bq, f"{bias.name}_q")
-                bs = t.b.init(bscale, f"{bias.name}_scale")
-                inputs.append(t.b.op("DequantizeLinear", [bname, bs], f"{bias.name}_dq", **axis))
-        if len(inputs) == 2:
-            inputs.append(t.v(bias))
+            qx, w_scale = t.act_q[x_in], t.weight_q[w][1].scale
+    inputs = [x_in, w_in]
+    if folded is not None and folded.bias_shift is not None:
+        b = (0.0 if b is None else b) - folded.bias_shift
+    if fused and b is not None:
+        bscale = (np.float64(qx.scale) * w_scale.astype(np.float64)).astype(np.float32)
+        bq = np.rint(b / bscale).astype(np.int32)
+        axis = {} if bscale.ndim == 0 else {"axis": 0}
+        bname = t.b.init(bq, f"{n.name}_bias_q")
+        bs = t.b.init(bscale, f"{n.name}_bias_scale")
+        inputs.append(t.b.op("DequantizeLinear", [bname, bs], f"{n.name}_bias_dq", **axis))
+    elif bias is not None:
+        inputs.append(t.v(bias))
     y = t.b.op(
         "Conv",
         inputs,
@@ -669,6 +872,8 @@ def _conv(t: _Translator, n, x, w, bias=None, stride=(1,), padding=(0,), dilatio
         dilations=dilation,
         group=groups,
     )
+    if folded is not None:
+        t.report["channel_folded"].append({"conv": n.name, "kind": folded.kind})
     if fused:
         qp, why = requant
         t.report["requantized"].append({"conv": n.name, "why": why})
@@ -1166,13 +1371,7 @@ def export_onnx_qdq(
     b = _Builder(opset)
     tr = _Translator(gm, shapes, consts, b, requantize=requantize, ort_contrib_ops=ort_contrib_ops)
     if requantize == "auto" and calib is not None:  # conv outputs before a smooth activation
-        smooth = {
-            n
-            for n in gm.graph.nodes
-            if n.target in _CONVS
-            and len(n.users) == 1
-            and next(iter(n.users)).target in _SMOOTH_ACTS
-        }
+        smooth = {n for n in gm.graph.nodes if n.target in _CONVS and tr.needs_samples(n)}
         if smooth:
             rec = _Recorder(gm, smooth)
             with torch.no_grad():
@@ -1191,6 +1390,7 @@ def export_onnx_qdq(
         oname = OUTPUT_NAME if i == 0 else f"{OUTPUT_NAME}_{i}"
         b.nodes.append(helper.make_node("Identity", [name], [oname], name=f"{oname}_out"))
         outputs.append(_value_info(oname, shapes.get(arg)))
+    b.prune([o.name for o in outputs])
     graph = helper.make_graph(
         b.nodes,
         "hyq_qdq",

@@ -5,6 +5,7 @@ what the fake-quant GraphModule computes."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -192,20 +193,24 @@ class _Depthwise(torch.nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-@pytest.mark.parametrize("requantize", ["none", "auto"])
-def test_per_channel_activation_is_per_axis_qdq(tmp_path, requantize):
-    """``depthwise_per_channel``: the depthwise conv's input quantizer (per-channel scale and
-    zero point along axis 1, 6-bit) is one QuantizeLinear / DequantizeLinear pair with
-    ``axis=1`` and [C] scale / zero point, not a float leftover, and ONNX Runtime agrees."""
+def _dw_per_channel_recipe() -> hyq_fx.recipes.Recipe:
     data = hyq_fx.recipes.get_recipe("minmax").to_dict()
     for step in data["passes"]:
         if step["pass"] == "insert_quantizers":
             step["args"]["depthwise_per_channel"] = True
     data["name"] = "minmax_dw_per_channel"
-    recipe = hyq_fx.recipes.Recipe.from_dict(data)
+    return hyq_fx.recipes.Recipe.from_dict(data)
+
+
+def test_per_channel_activation_is_per_axis_qdq(tmp_path, requantize="none"):
+    """``depthwise_per_channel``: the depthwise conv's input quantizer (per-channel scale and
+    zero point along axis 1, 6-bit) is one QuantizeLinear / DequantizeLinear pair with
+    ``axis=1`` and [C] scale / zero point, not a float leftover, and ONNX Runtime agrees."""
     torch.manual_seed(0)
     x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    qgm = hyq_fx.quantize(_Depthwise().eval(), x, recipe, w_bits=8, a_bits=6, progress=False)
+    qgm = hyq_fx.quantize(
+        _Depthwise().eval(), x, _dw_per_channel_recipe(), w_bits=8, a_bits=6, progress=False
+    )
     acts = [m for m in qgm.modules() if isinstance(m, hyq_fx.FakeQuantizer) and m.role != "weight"]
     (fq,) = [m for m in acts if m.spec.per_channel]
     assert fq.spec.axis == 1 and len(set(fq.zero_point.flatten().tolist())) > 1
@@ -230,6 +235,122 @@ def test_per_channel_activation_is_per_axis_qdq(tmp_path, requantize):
     out = OnnxRunner(path)(x)
     assert _sqnr_db(ref, out) > 30
     assert bool((out.argmax(1) == ref.argmax(1)).all())
+
+
+def _check_folded_export(gm, x, tmp_path: Path, kind: str) -> list[str]:
+    """Export with ``requantize="exact"``: one conv folded (``kind``), run by ONNX Runtime as
+    its one QLinearConv, the logits the fake-quant model's to float rounding; the op types."""
+    path = export_onnx_qdq(gm, tmp_path / "folded.onnx", x[:2], requantize="exact")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    report = json.loads({p.key: p.value for p in model.metadata_props}["hyq_export"])
+    assert [f["kind"] for f in report["channel_folded"]] == [kind]
+    opt = tmp_path / "folded_ort.onnx"
+    runner = OnnxRunner(path, optimized_model_path=opt)
+    assert onnx_node_counts(opt).get("QLinearConv", 0) == 1
+    with torch.no_grad():
+        ref = gm(x)
+    assert _sqnr_db(ref, runner(x)) > 80
+    return [n.op_type for n in model.graph.node]
+
+
+class _DepthwiseThenPointwise(torch.nn.Module):
+    """conv → SiLU → depthwise conv (padded, stride 2) → ReLU → 1x1 conv → ReLU → pool → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=8)
+        self.pw = torch.nn.Conv2d(16, 12, 1)
+        self.fc = torch.nn.Linear(12, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.dw(torch.nn.functional.silu(self.c1(x))))
+        return self.fc(torch.relu(self.pw(y)).mean((2, 3)))
+
+
+def test_per_channel_input_of_depthwise_conv_folds_into_qlinearconv(tmp_path):
+    """A depthwise conv behind a per-channel input quantizer (scales s_c, unequal zero points
+    z_c) is written as per-axis QuantizeLinear → DequantizeLinear(s̄, z̄) → Conv, the ratio
+    s_c/s̄ in the weight scales and the zero-point offset in the bias (the input padded before
+    QuantizeLinear), so ONNX Runtime runs it as QLinearConv; with ``requantize="exact"`` the
+    result is the fake-quant model's up to float rounding."""
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    qgm = hyq_fx.quantize(
+        _DepthwiseThenPointwise().eval(), x, _dw_per_channel_recipe(), w_bits=8, a_bits=6,
+        progress=False,
+    )  # fmt: skip
+    (fq,) = [m for m in qgm.modules() if isinstance(m, hyq_fx.FakeQuantizer) and
+             m.role != "weight" and m.spec.per_channel]  # fmt: skip
+    assert len(set(fq.zero_point.flatten().tolist())) > 1  # the bias correction is exercised
+    ops = _check_folded_export(qgm, x, tmp_path, "depthwise, zero points via the bias")
+    assert ops.count("Pad") == 1
+
+
+def test_requantizing_for_a_per_channel_quantizer_is_measured(tmp_path, monkeypatch):
+    """A conv whose output reaches a per-channel quantizer (through SiLU) can only get one
+    uint8 grid; ``requantize="auto"`` fits it on the calibration outputs and keeps it only if
+    it adds at most ``MAX_ADDED_ERROR`` to that quantizer's own error (8-bit channels of unequal
+    range: it would add more, so the conv stays float), and says what it added."""
+    import hyq_fx.backends.onnx_qdq as onnx_qdq
+
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    qgm = hyq_fx.quantize(
+        _DepthwiseThenPointwise().eval(), x, _dw_per_channel_recipe(), w_bits=8, a_bits=8,
+        progress=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        ref = qgm(x)
+
+    def export(name: str) -> dict:
+        path = export_onnx_qdq(qgm, tmp_path / name, x[:2], requantize="auto", calib=x)
+        assert _sqnr_db(ref, OnnxRunner(path)(x)) > 30
+        meta = onnx.load(str(path)).metadata_props
+        return json.loads({p.key: p.value for p in meta}["hyq_export"])
+
+    assert "conv2d" in export("default.onnx")["float_convs"]
+    monkeypatch.setattr(onnx_qdq, "MAX_ADDED_ERROR", 100.0)
+    why = {r["conv"]: r["why"] for r in export("loose.onnx")["requantized"]}
+    added = float(why["conv2d"].split("+")[1].split("%")[0]) / 100
+    assert onnx_qdq.MAX_ADDED_ERROR > added > 0.1
+
+
+class _OutlierBottleneck(torch.nn.Module):
+    """conv → SiLU → 1x1 conv → ReLU → 3x3 conv → pool → linear; two outlier channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.pw = torch.nn.Conv2d(16, 12, 1)
+        self.pw2 = torch.nn.Conv2d(12, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 5)
+        with torch.no_grad():
+            self.c1.weight[[2, 9]] *= 25.0
+
+    def forward(self, x):
+        y = torch.relu(self.pw(torch.nn.functional.silu(self.c1(x))))
+        return self.fc(self.pw2(y).mean((2, 3)))
+
+
+def test_outlier_scaled_pointwise_conv_folds_into_qlinearconv(tmp_path):
+    """``scale_bottleneck_outliers`` behind SiLU leaves a per-channel input quantizer
+    ``s·α_c`` and the weight ``Q_w(W·α)·α⁻¹``: the α cancel, so the export reads the per-axis
+    codes through the one scale ``s`` and drops the ``α⁻¹`` product; ONNX Runtime runs the
+    1x1 conv as QLinearConv and matches the fake-quant model up to float rounding."""
+    from hyq_fx.pass_base import QuantContext, get_pass, run_passes
+
+    x = torch.randn(16, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    ctx = QuantContext([x[:8], x[8:]], w_bits=8, a_bits=6, progress=False)
+    gm = hyq_fx.capture(_OutlierBottleneck().eval(), x[:2])
+    names = ["fold_batchnorm", "insert_quantizers", "calibrate", "scale_bottleneck_outliers"]
+    opts = {"scale_bottleneck_outliers": {"steps": 60, "samples": 512, "min_gain": 0.0}}
+    gm = run_passes(gm, [get_pass(n)(ctx, **opts.get(n, {})) for n in names])
+    assert ctx.log[-1]["per_channel_quantizer"]  # the form this test is about
+    ops = _check_folded_export(gm, x, tmp_path, "pointwise")
+    assert ops.count("Mul") == 1  # SiLU's; the α⁻¹ product is gone
 
 
 def test_interrupted_export_leaves_no_partial_file(tmp_path, monkeypatch):
