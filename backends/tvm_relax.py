@@ -39,6 +39,11 @@ Three steps, each checkable on its own:
    (1 on the input, 0 on the padding) keeps the padded taps out of the zero-point correction,
    a build-time ``[1, O, H_out, W_out]`` int32 constant (needs static H, W).
 
+A 1x1 conv after ``scale_bottleneck_outliers`` (placement "quantizer") reads
+``Q_a(x; s·α_c, z)`` against the weight ``Q_w(W·α)·α⁻¹``: the α cancel in the integer sum, so
+``lower_quantizers`` drops the ``·α⁻¹`` product and dequantizes the per-channel codes with the one
+scale ``s`` (``_fold_channel_scaled_inputs``), and the conv is an ordinary int8 conv.
+
 An op stays in float (listed in the ``float_fallbacks`` of the library's ``.json`` and in
 ``IntegerizeStats.skipped``, once per op) where integers cannot express it exactly: a
 per-channel activation scale or zero point along the reduction axis (any conv but a depthwise
@@ -132,16 +137,21 @@ class _QuantDequantInt8(nn.Module):
         lo: int,
         hi: int,
         shape: tuple[int, ...] = (),
+        dequant_scale: float | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("scale", scale.reshape(shape).float().clone())
-        self.register_buffer("zero_point", zero_point.reshape(shape).float().clone())
+        zero_shape = shape if zero_point.numel() > 1 else ()
+        self.register_buffer("zero_point", zero_point.reshape(zero_shape).float().clone())
+        # the codes of a per-channel scale s_c folded into the consumer: read through one s̄
+        dq = self.scale if dequant_scale is None else torch.tensor(float(dequant_scale))
+        self.register_buffer("dequant_scale", dq.clone())
         self.lo, self.hi = float(lo), float(hi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = torch.clamp(torch.round(x / self.scale) + self.zero_point, self.lo, self.hi)
         q8 = q.to(torch.int8)
-        return (q8.to(torch.float32) - self.zero_point) * self.scale
+        return (q8.to(torch.float32) - self.zero_point) * self.dequant_scale
 
 
 class _DequantWeightInt8(nn.Module):
@@ -218,6 +228,55 @@ def _activation_qparam_shape(fq: FakeQuantizer, node: fx.Node) -> tuple[int, ...
     return (numel, *([1] * (rank - 1 - axis)))
 
 
+def _fold_channel_scaled_inputs(gm: fx.GraphModule) -> dict[fx.Node, float]:
+    """Per-channel activation quantizers whose scale cancels in their 1x1-conv consumers.
+
+    After ``scale_bottleneck_outliers`` (placement "quantizer") a conv reads
+    ``conv(Q_a(x; s·α_c, z), Q_w(W·α)·α⁻¹)``. The integer codes of ``Q_a`` times ``s·α_c``,
+    against ``α⁻¹``, are the codes times ``s``: so where every consumer multiplies its
+    quantized weight by a constant ``r`` with ``r_c·s_c = s̄`` for all ``c`` (and ``z`` is one
+    value), the ``·r`` is dropped here and the quantizer's codes are dequantized with ``s̄``;
+    ``IntegerizeQDQ`` then sees a per-tensor input and runs an int8 conv. Returns
+    ``{quantizer node: s̄}``; the graph is rewritten in place (``gm`` is the caller's copy).
+    """
+    folded: dict[fx.Node, float] = {}
+    for node in gm.graph.nodes:
+        fq = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(fq, FakeQuantizer) or fq.mode != "quantize" or not fq.spec.per_channel:
+            continue
+        if fq.role == "weight" or fq.spec.axis % 4 != 1 or fq.zero_point.unique().numel() != 1:
+            continue
+        sigma = fq.scale.detach().double().flatten()
+        muls, s_bar = [], None
+        for user in node.users:
+            w = user.args[1] if user.target is torch.ops.aten.conv2d.default else None
+            if user.args[0] is not node or not isinstance(w, fx.Node):
+                break
+            if w.target is not torch.ops.aten.mul.Tensor or len(w.users) != 1:
+                break
+            wfq, r = w.args
+            if not (isinstance(wfq, fx.Node) and wfq.op == "call_module"):
+                break
+            if not (isinstance(r, fx.Node) and r.op == "get_attr"):
+                break
+            ratio = _get_attr(gm, r.target).detach().double().flatten() * sigma
+            if ratio.numel() != sigma.numel():
+                break
+            value = float(ratio.mean())
+            if (ratio / value - 1).abs().max() > 1e-5 or (s_bar and abs(value / s_bar - 1) > 1e-5):
+                break
+            s_bar = value
+            muls.append((user, w, wfq))
+        else:
+            if not muls:
+                continue
+            for user, mul, wfq in muls:
+                user.replace_input_with(mul, wfq)
+                gm.graph.erase_node(mul)
+            folded[node] = s_bar
+    return folded
+
+
 def lower_quantizers(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list[str]]]:
     """A copy of ``gm`` whose FakeQuantizers are explicit int8 quantize/dequantize ATen ops.
 
@@ -228,8 +287,9 @@ def lower_quantizers(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list
     """
     gm = fx.GraphModule(gm, gm.graph.__deepcopy__(), class_name=type(gm).__name__)
     report: dict[str, list[str]] = {"int8_activation": [], "int8_weight": [], "float": [],
-                                    "identity": []}  # fmt: skip
+                                    "identity": [], "channel_folded": []}  # fmt: skip
     graph = gm.graph
+    folded = _fold_channel_scaled_inputs(gm)
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
@@ -258,8 +318,12 @@ def lower_quantizers(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list
         shape = _activation_qparam_shape(fq, node)
         if spec.bits <= 8 and shape is not None:
             offset = 0 if spec.symmetric else 2 ** (spec.bits - 1)
+            zero = fq.zero_point - offset
+            if node in folded:
+                zero = zero.flatten()[:1].reshape(())
+                report["channel_folded"].append(name)
             module = _QuantDequantInt8(
-                fq.scale, fq.zero_point - offset, spec.qmin - offset, spec.qmax - offset, shape
+                fq.scale, zero, spec.qmin - offset, spec.qmax - offset, shape, folded.get(node)
             )
             gm.add_submodule(name, module)
             report["int8_activation"].append(name)

@@ -10,6 +10,8 @@ A tiny conv + attention module keeps the TVM builds short; every invariant of
   each, while a depthwise conv (``depthwise_per_channel``) runs in int8;
 * a depthwise conv with a per-channel asymmetric input (padding, stride, dilation, channel
   multiplier, 6-bit codes) built for llvm matches the fake-quant model;
+* a 1x1 conv after outlier scaling (per-channel input ``s·α_c``, weight ``Q_w(W·α)·α⁻¹``) runs in
+  int8 and its library matches the fake-quant model;
 * the llvm library's logits match the fake-quant GraphModule (dynamic batch), also when loaded
   by a runtime-only TVM (``TVM_USE_RUNTIME_LIB=1``, what a deployment machine needs), where a
   CUDA library without the NVIDIA driver is one clear error;
@@ -203,6 +205,55 @@ def test_depthwise_per_channel_input_runs_in_int8_and_matches(
         ref, out = gm(images), runner(images)
     assert (out - ref).abs().max().item() < 1e-4
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+class OutlierBottleneck(nn.Module):
+    """conv → SiLU → 1x1 conv (two outlier input channels) → ReLU → pool → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.pw = nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 5)
+        with torch.no_grad():
+            self.conv.weight[[2, 9]] *= 25.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.pw(F.silu(self.conv(x)))).mean((2, 3)))
+
+
+def test_outlier_scaled_pointwise_conv_runs_in_int8_and_matches(images, tmp_path):
+    """After ``scale_bottleneck_outliers`` behind SiLU the 1x1 conv reads a per-channel input
+    ``Q_a(x; s·α_c)`` and the weight ``Q_w(W·α)·α⁻¹``; the α cancel, so ``lower_quantizers``
+    drops the ``α⁻¹`` product and reads the codes through ``s``: every conv is int8 and the
+    library matches the fake-quant model."""
+    from hyq_fx.pass_base import QuantContext, get_pass, run_passes
+
+    calib = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    ctx = QuantContext([calib[:8], calib[8:]], w_bits=8, a_bits=6, progress=False)
+    gm = hyq_fx.capture(OutlierBottleneck().eval(), calib[:2])
+    names = ["insert_quantizers", "calibrate", "scale_bottleneck_outliers"]
+    opts = {"scale_bottleneck_outliers": {"steps": 60, "samples": 512, "min_gain": 0.0}}
+    gm = run_passes(gm, [get_pass(n)(ctx, **opts.get(n, {})) for n in names])
+    assert [e["node"] for e in ctx.log[-1]["per_channel_quantizer"]] == ["conv2d_1"]
+    hyq_fx.artifact.save(gm, tmp_path / "q")  # the CLI path
+    gm = hyq_fx.artifact.load(tmp_path / "q")
+    lowered, report = tvm_relax.lower_quantizers(gm)
+    assert len(report["channel_folded"]) == 1 and not report["float"]
+    with torch.no_grad():
+        ref = gm(images)
+        torch.testing.assert_close(lowered(images), ref, atol=1e-5, rtol=1e-5)
+    stats = {}
+    mod = tvm_relax.IntegerizeQDQ(stats)(tvm_relax.import_relax(lowered, images))
+    assert tvm_relax.count_ops(mod) == {
+        "relax.matmul int8,int8->int32": 1,
+        "relax.nn.conv2d int8,int8->int32": 2,
+    }
+    path = tvm_relax.build_tvm(gm, images[:1], FAST_LLVM, tmp_path / "pw.llvm.so")
+    assert not json.loads(path.with_suffix(".json").read_text())["float_fallbacks"]
+    out = tvm_relax.TvmRunner(path)(images)
+    assert (out - ref).abs().max().item() < 1e-4
 
 
 def test_llvm_library_matches_fake_quant(qgm, images, tmp_path):
