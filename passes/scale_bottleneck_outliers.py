@@ -33,7 +33,10 @@ graph in one of two ways:
   ``Q_w(W·α)·diag(α)⁻¹·diag(α)·Q_a(x/α)``. An integer kernel runs it with the integer
   activations of ``x/α`` and the integer weights of ``W·α``.
 
-The layers of each kind are listed in ``ctx.log``. Weight quantizers whose tensor changed are
+Both forms run as ordinary int8 convs in the ONNX and TVM backends (the α of the quantizer and
+of the weight cancel in the integer sum). ``min_bits`` / ``max_bits`` restrict the pass to a range
+of activation bit widths (the default recipe: 5–7, where it measured a gain). The layers of each
+kind are listed in ``ctx.log``. Weight quantizers whose tensor changed are
 re-calibrated with their own observer; a layer whose quantization error does not drop is left as
 it was. Runs after ``insert_quantizers`` + ``calibrate``.
 Invariants checked by the tests: with quantizers off the rewritten graph computes what it
@@ -254,8 +257,16 @@ class ScaleBottleneckOutliers(HyqPass):
         min_gain: float = 0.01,
         clip: bool = False,
         weighting: str = "fisher",
+        min_bits: int | None = None,
+        max_bits: int | None = None,
     ) -> None:
         super().__init__(ctx)
+        for what, value in (("min_bits", min_bits), ("max_bits", max_bits)):
+            if value is not None and (not isinstance(value, int) or value < 2):
+                raise PassError(
+                    f"scale_bottleneck_outliers: {what} must be an int >= 2 or null, got {value!r}"
+                )
+        self.min_bits, self.max_bits = min_bits, max_bits
         unknown = sorted(set(ops) - set(OPS))
         if unknown:
             raise PassError(
@@ -510,6 +521,13 @@ class ScaleBottleneckOutliers(HyqPass):
             )
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        bits = self.ctx.a_bits
+        if (self.min_bits is not None and bits < self.min_bits) or (
+            self.max_bits is not None and bits > self.max_bits
+        ):
+            why = f"a_bits {bits} outside [{self.min_bits}, {self.max_bits}]"
+            self.ctx.log.append({"pass": self.name, "skipped": why})
+            return PassResult(gm, False)
         cands, skipped = self._candidates(gm)
         stats: dict[str, Any] = {"folded": [], "per_channel_quantizer": [], "unchanged": []}
         stats["skipped"] = skipped

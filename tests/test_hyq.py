@@ -175,6 +175,23 @@ def test_outlier_scaling_needs_calibrated_quantizers():
         get_pass("scale_bottleneck_outliers")(ctx)(gm)
     with pytest.raises(PassError, match="placement='everywhere' is unknown"):
         get_pass("scale_bottleneck_outliers")(ctx, placement="everywhere")
+    with pytest.raises(PassError, match="max_bits must be an int >= 2"):
+        get_pass("scale_bottleneck_outliers")(ctx, max_bits=1)
+
+
+def test_outlier_scaling_outside_its_bit_range_changes_nothing():
+    """``min_bits`` / ``max_bits``: at activation bit widths outside the range the pass leaves
+    the graph as it was and says why in the log; inside it, it rescales."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    for bits, runs in ((4, False), (6, True), (8, False)):
+        ctx = QuantContext([x[:4], x[4:]], w_bits=8, a_bits=bits, progress=False)
+        gm = _quantized(_Bottleneck(act=True), x, ctx)
+        result = get_pass("scale_bottleneck_outliers")(
+            ctx, steps=20, samples=256, min_gain=0.0, min_bits=5, max_bits=7
+        )(gm)
+        assert result.modified == runs
+        assert isinstance(ctx.log[-1]["skipped"], str) != runs, ctx.log[-1]
 
 
 @pytest.mark.slow
