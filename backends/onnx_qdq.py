@@ -279,6 +279,7 @@ class _Builder:
         self.inits: dict[str, onnx.TensorProto] = {}
         self._names: set[str] = set()
         self._consts: dict[tuple, str] = {}
+        self.producer: dict[str, onnx.NodeProto] = {}
 
     def fresh(self, base: str) -> str:
         base = "".join(c if c.isalnum() or c in "._" else "_" for c in base) or "v"
@@ -318,12 +319,24 @@ class _Builder:
 
     def op(self, op_type: str, inputs: Sequence[str], base: str, n_out: int = 1, **attrs):
         outs = [self.fresh(f"{base}" if n_out == 1 else f"{base}_{i}") for i in range(n_out)]
-        self.nodes.append(
-            helper.make_node(
-                op_type, list(inputs), outs, name=self.fresh(f"{base}_{op_type}"), **attrs
-            )
+        node = helper.make_node(
+            op_type, list(inputs), outs, name=self.fresh(f"{base}_{op_type}"), **attrs
         )
+        self.nodes.append(node)
+        for out in outs:
+            self.producer[out] = node
         return outs[0] if n_out == 1 else outs
+
+    def fuses_into_quantize(self, x: str) -> bool:
+        """Whether ONNX Runtime would fuse the op producing ``x`` with a QuantizeLinear after it
+        (``DQ → Conv/MatMul/Gemm/Add/Mul → Q``, a Relu / Clip between included)."""
+        node = self.producer.get(x)
+        while node is not None and node.op_type in ("Relu", "Clip"):
+            node = self.producer.get(node.input[0])
+        if node is None or node.op_type not in ("Conv", "MatMul", "Gemm", "Add", "Mul"):
+            return False
+        dq = [self.producer.get(i) for i in node.input[:2]]
+        return all(d is not None and d.op_type == "DequantizeLinear" for d in dq)
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,18 +500,47 @@ class _Translator:
                 f"(calibrated={fq.calibrated}); calibrate it (the 'calibrate' pass) before export"
             )
         qp = _qparams(fq, _where(n), as_weight=False)
-        axis = None if qp.axis is None else qp.axis % self.rank(n.args[0])
-        return self.qdq(x, qp, n.name, axis)
+        rank = self.rank(n.args[0])
+        axis = None if qp.axis is None else qp.axis % rank
+        return self.qdq(x, qp, n.name, axis, rank)
 
-    def qdq(self, x: str, qp: _QParams, base: str, axis: int | None = None) -> str:
+    def codes(self, x: str, qp: _QParams, base: str, axis: int | None = None, rank: int = 4):
+        """``Clip(QuantizeLinear(x, s, z[, axis]))``: the integer codes of ``x``.
+
+        A per-axis QuantizeLinear right after an op that ONNX Runtime fuses with its output
+        QuantizeLinear (a quantized Conv / MatMul / Add...) would become, say, a QLinearConv
+        with a per-channel output zero point, which ONNX Runtime accepts when it optimises the
+        graph and rejects when it runs it. There the per-channel quantization is written as
+        ``QuantizeLinear(x·(s̄/s_c) + (z_c − z̄)·s̄, s̄, z̄)``, the same codes
+        (``round(x/s_c + z_c − z̄) + z̄``, ``z_c − z̄`` an integer) with a per-tensor Q.
+        """
+        dtype = qp.zero_point.dtype
+        if axis is not None and self.b.fuses_into_quantize(x):
+            shape = [-1] + [1] * (rank - 1 - axis)
+            sigma = qp.scale.astype(np.float64)
+            s_bar = float(np.exp(np.log(sigma).mean()))
+            z = qp.zero_point.astype(np.int64)
+            z_bar = int(np.median(z))
+            ratio = (s_bar / sigma).astype(np.float32).reshape(shape)
+            shift = ((z - z_bar) * s_bar).astype(np.float32).reshape(shape)
+            x = self.b.op("Mul", [x, self.b.init(ratio, f"{base}_ratio")], f"{base}_rescale")
+            x = self.b.op("Add", [x, self.b.init(shift, f"{base}_shift")], f"{base}_shift")
+            s, z_ = self.b.const(np.float32(s_bar)), self.b.const(z_bar, dtype)
+            q = self.b.op("QuantizeLinear", [x, s, z_], f"{base}_q")
+        else:
+            s, z_ = self.b.const(qp.scale), self.b.const(qp.zero_point, dtype)
+            kw = {} if axis is None else {"axis": axis}
+            q = self.b.op("QuantizeLinear", [x, s, z_], f"{base}_q", **kw)
+        if qp.needs_clip:
+            lo, hi = self.b.const(qp.qmin, dtype), self.b.const(qp.qmax, dtype)
+            q = self.b.op("Clip", [q, lo, hi], f"{base}_clip")
+        return q
+
+    def qdq(self, x: str, qp: _QParams, base: str, axis: int | None = None, rank: int = 4) -> str:
         s = self.b.const(qp.scale)
         z = self.b.const(qp.zero_point, qp.zero_point.dtype)
         kw = {} if axis is None else {"axis": axis}
-        q = self.b.op("QuantizeLinear", [x, s, z], f"{base}_q", **kw)
-        if qp.needs_clip:
-            lo = self.b.const(qp.qmin, qp.zero_point.dtype)
-            hi = self.b.const(qp.qmax, qp.zero_point.dtype)
-            q = self.b.op("Clip", [q, lo, hi], f"{base}_clip")
+        q = self.codes(x, qp, base, axis, rank)
         out = self.b.op("DequantizeLinear", [q, s, z], f"{base}_dq", **kw)
         if axis is None:
             self.act_q[out] = qp
@@ -788,11 +830,7 @@ def _fold_channel_scales(
             x_src = t.b.op("Pad", [x_float, t.b.ints(pads)], f"{n.name}_pad")
         kind += ", zero points via the bias"
     base = f"{n.name}_in"
-    s_c, z_c = t.b.const(qa.scale), t.b.const(qa.zero_point, qa.zero_point.dtype)
-    q = t.b.op("QuantizeLinear", [x_src, s_c, z_c], f"{base}_q", axis=1)
-    if qa.needs_clip:
-        lo, hi = (t.b.const(v, qa.zero_point.dtype) for v in (qa.qmin, qa.qmax))
-        q = t.b.op("Clip", [q, lo, hi], f"{base}_clip")
+    q = t.codes(x_src, qa, base, axis=1)
     qx = _QParams(
         qa.dtype, np.asarray(s_bar, np.float32), np.asarray(z_bar, np.uint8), 0, 255, None
     )

@@ -317,6 +317,46 @@ def test_requantizing_for_a_per_channel_quantizer_is_measured(tmp_path, monkeypa
     assert onnx_qdq.MAX_ADDED_ERROR > added > 0.1
 
 
+class _ConvThenDepthwise(torch.nn.Module):
+    """conv (no activation) → depthwise conv → ReLU → 1x1 conv → pool → linear, as in a
+    MobileViTv2 block after an inverted bottleneck's projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = torch.nn.Conv2d(8, 6, 1)
+        self.fc = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.fc(self.pw(torch.relu(self.dw(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("requantize", ["none", "exact", "auto"])
+def test_per_channel_quantizer_right_after_a_quantized_conv_runs(tmp_path, requantize):
+    """``DQ → Conv → QuantizeLinear(axis=1)`` is fused by ONNX Runtime into a QLinearConv with
+    a per-channel output zero point, which its kernel then rejects at run time; the export
+    writes that quantizer as a per-tensor QuantizeLinear of ``x·(s̄/s_c) + (z_c − z̄)·s̄``
+    (the same codes), so the model runs and matches the fake-quant one."""
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    qgm = hyq_fx.quantize(
+        _ConvThenDepthwise().eval(), x, _dw_per_channel_recipe(), w_bits=8, a_bits=6,
+        progress=False,
+    )  # fmt: skip
+    assert len(set(_per_channel_zero_points(qgm))) > 1
+    path = export_onnx_qdq(qgm, tmp_path / "m.onnx", x[:2], requantize=requantize, calib=x)
+    with torch.no_grad():
+        ref = qgm(x)
+    assert _sqnr_db(ref, OnnxRunner(path)(x)) > (80 if requantize != "auto" else 30)
+
+
+def _per_channel_zero_points(gm) -> list[float]:
+    (fq,) = [m for m in gm.modules() if isinstance(m, hyq_fx.FakeQuantizer) and
+             m.role != "weight" and m.spec.per_channel]  # fmt: skip
+    return fq.zero_point.flatten().tolist()
+
+
 class _OutlierBottleneck(torch.nn.Module):
     """conv → SiLU → 1x1 conv → ReLU → 3x3 conv → pool → linear; two outlier channels."""
 
