@@ -199,6 +199,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             calib_dir=args.calib,
             requantize=args.requantize,
             ort_contrib_ops=args.ort_contrib_ops,
+            max_added_error=args.max_added_error,
         )
     else:
         from .backends.tvm_relax import export_tvm
@@ -294,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="onnx: none = the exact fake-quant graph (default); auto = conv outputs requantized "
         "so onnxruntime runs QLinearConv (give --calib); exact = only where that is exact",
+    )
+    x.add_argument(
+        "--max-added-error",
+        type=float,
+        default=1.0,
+        help="onnx, --requantize auto: requantize a conv in front of a per-channel quantizer "
+        "only if that adds at most this fraction to the quantizer's error (default 1.0)",
     )
     x.add_argument(
         "--ort-contrib-ops",

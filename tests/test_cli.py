@@ -149,3 +149,6 @@ def test_export_onnx_requantized_with_ort_contrib_ops(quantized, capsys):
     assert ("com.microsoft", "QuickGelu") in ops and ("", "Sigmoid") not in ops
     report = json.loads(next(p.value for p in model.metadata_props if p.key == "hyq_export"))
     assert len(report["requantized"]) >= 25
+    capsys.readouterr()
+    assert main([*argv, "--max-added-error", "-1"]) != 0  # a clear error, no traceback
+    assert "max_added_error" in capsys.readouterr().err

@@ -288,12 +288,11 @@ def test_per_channel_input_of_depthwise_conv_folds_into_qlinearconv(tmp_path):
     assert ops.count("Pad") == 1
 
 
-def test_requantizing_for_a_per_channel_quantizer_is_measured(tmp_path, monkeypatch):
+def test_requantizing_for_a_per_channel_quantizer_is_measured(tmp_path):
     """A conv whose output reaches a per-channel quantizer (through SiLU) can only get one
     uint8 grid; ``requantize="auto"`` fits it on the calibration outputs and keeps it only if
-    it adds at most ``MAX_ADDED_ERROR`` to that quantizer's own error (8-bit channels of unequal
+    it adds at most ``max_added_error`` to that quantizer's own error (8-bit channels of unequal
     range: it would add more, so the conv stays float), and says what it added."""
-    import hyq_fx.backends.onnx_qdq as onnx_qdq
 
     x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(0)
@@ -304,17 +303,16 @@ def test_requantizing_for_a_per_channel_quantizer_is_measured(tmp_path, monkeypa
     with torch.no_grad():
         ref = qgm(x)
 
-    def export(name: str) -> dict:
-        path = export_onnx_qdq(qgm, tmp_path / name, x[:2], requantize="auto", calib=x)
+    def export(name: str, **kw) -> dict:
+        path = export_onnx_qdq(qgm, tmp_path / name, x[:2], requantize="auto", calib=x, **kw)
         assert _sqnr_db(ref, OnnxRunner(path)(x)) > 30
         meta = onnx.load(str(path)).metadata_props
         return json.loads({p.key: p.value for p in meta}["hyq_export"])
 
     assert "conv2d" in export("default.onnx")["float_convs"]
-    monkeypatch.setattr(onnx_qdq, "MAX_ADDED_ERROR", 100.0)
-    why = {r["conv"]: r["why"] for r in export("loose.onnx")["requantized"]}
+    why = {r["conv"]: r["why"] for r in export("loose.onnx", max_added_error=100)["requantized"]}
     added = float(why["conv2d"].split("+")[1].split("%")[0]) / 100
-    assert onnx_qdq.MAX_ADDED_ERROR > added > 0.1
+    assert 100 > added > 1.0  # above the default bound
 
 
 class _ConvThenDepthwise(torch.nn.Module):
