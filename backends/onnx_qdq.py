@@ -260,6 +260,14 @@ def _requant_range_per_channel(
     return _uint8_grid(best[1], best[2]), best[0] / own
 
 
+def _shared_scale_and_zero(scale: np.ndarray, zero: np.ndarray) -> tuple[float, int]:
+    """One ``(s̄, z̄)`` to read per-channel codes through: the geometric mean of the scales and
+    the median zero point (any choice is exact once ``s_c/s̄`` and ``z_c − z̄`` are compensated;
+    these keep the ratios near 1 and the compensated offsets small)."""
+    s_bar = float(np.exp(np.log(scale.astype(np.float64)).mean()))
+    return s_bar, int(np.median(zero.astype(np.int64)))
+
+
 def _uint8_grid(lo: float, hi: float) -> _QParams:
     """The asymmetric uint8 grid spanning ``[lo, hi]``."""
     scale = max((hi - lo) / 255.0, 1e-12)
@@ -521,9 +529,8 @@ class _Translator:
         if axis is not None and self.b.fuses_into_quantize(x):
             shape = [-1] + [1] * (rank - 1 - axis)
             sigma = qp.scale.astype(np.float64)
-            s_bar = float(np.exp(np.log(sigma).mean()))
             z = qp.zero_point.astype(np.int64)
-            z_bar = int(np.median(z))
+            s_bar, z_bar = _shared_scale_and_zero(sigma, z)
             ratio = (s_bar / sigma).astype(np.float32).reshape(shape)
             shift = ((z - z_bar) * s_bar).astype(np.float32).reshape(shape)
             x = self.b.op("Mul", [x, self.b.init(ratio, f"{base}_ratio")], f"{base}_rescale")
@@ -563,18 +570,26 @@ class _Translator:
                     raise ExportError(f"{_where(n)}: linear weight of rank {q.ndim}")
                 q = q.T
                 axis = None if axis is None else 1 - axis % 2
-            src = n.args[0].name
-            name = self.b.init(q, f"{src}_q")
-            s = self.b.init(qp.scale, f"{src}_scale")
-            z = self.b.init(qp.zero_point, f"{src}_zp")
-            kw = {} if axis is None else {"axis": axis}
-            out = self.b.op("DequantizeLinear", [name, s, z], f"{n.name}_dq", **kw)
+            out = self.weight_dq(n, q, qp.scale, qp.zero_point, axis)
         else:
             out = self.v(n)
             if transpose:
                 out = self.b.op("Transpose", [out], f"{n.name}_t", perm=[1, 0])
         self._weights[(n, transpose)] = out
         return out
+
+    def weight_dq(
+        self, n: fx.Node, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int | None
+    ) -> str:
+        """``DequantizeLinear`` of the int8 initializer ``q`` of weight quantizer node ``n``."""
+        src = n.args[0].name
+        inputs = [
+            self.b.init(q, f"{src}_q"),
+            self.b.init(scale, f"{src}_scale"),
+            self.b.init(zero, f"{src}_zp"),
+        ]
+        kw = {} if axis is None else {"axis": axis}
+        return self.b.op("DequantizeLinear", inputs, f"{n.name}_dq", **kw)
 
     def requant_params(self, conv: fx.Node) -> tuple[_QParams, str] | None:
         """``(s_y, z_y)`` for a conv output that reaches a per-tensor quantizer, or None.
@@ -763,6 +778,7 @@ class _FoldedInput:
 
 
 def _constant(t: _Translator, a: Any) -> np.ndarray | None:
+    """``a`` as a float64 array if it is a parameter or an input-independent value, else None."""
     if isinstance(a, fx.Node) and (a.op == "get_attr" or a in t.consts):
         v = t.consts.get(a)
         v = getattr_path(t.gm, a.target) if v is None else v
@@ -794,7 +810,7 @@ def _fold_channel_scales(
         return None
     x_float, qa = t.act_pc[x_in]
     r = None
-    if w.op == "call_function" and w.target in (aten.mul.Tensor,) and len(w.args) == 2:
+    if w.op == "call_function" and w.target is aten.mul.Tensor and len(w.args) == 2:
         r = _constant(t, w.args[1])
         w = w.args[0]
         if r is None or r.ndim != 4 or r.shape[0] != 1 or r.shape[2:] != (1, 1):
@@ -809,19 +825,17 @@ def _fold_channel_scales(
     sigma = qa.scale.astype(np.float64) * (1.0 if r is None else r)
     n_in = sigma.size
     w_s = np.broadcast_to(qw.scale.astype(np.float64), (n_out,))
+    z = qa.zero_point.astype(np.int64)
+    s_bar, z_bar = _shared_scale_and_zero(sigma, z)
     if groups == 1 and per_group == n_in:
-        s_bar = float(sigma.mean())
         if np.abs(sigma / s_bar - 1).max() > 1e-5:
             return None
         new_ws, channel, kind = w_s, None, "pointwise"
     elif groups == n_in and per_group == 1 and n_out % n_in == 0:
-        s_bar = float(np.exp(np.log(sigma).mean()))
         channel = np.arange(n_out) // (n_out // n_in)
         new_ws, kind = w_s * sigma[channel] / s_bar, "depthwise"
     else:
         return None
-    z = qa.zero_point.astype(np.int64)
-    z_bar = int(np.median(z))
     shift, x_src = None, x_float
     if np.any(z != z_bar):
         taps = w_q.astype(np.int64).reshape(n_out, per_group, -1).sum(-1)  # [O, C/g]
@@ -841,17 +855,7 @@ def _fold_channel_scales(
         "DequantizeLinear", [q, t.b.const(qx.scale), t.b.const(qx.zero_point, np.uint8)], base
     )
     ws32 = new_ws.astype(np.float32)
-    src = w.args[0].name
-    w_dq = t.b.op(
-        "DequantizeLinear",
-        [
-            t.b.init(w_q, f"{src}_q"),
-            t.b.init(ws32, f"{src}_scale"),
-            t.b.init(np.zeros(n_out, w_q.dtype), f"{src}_zp"),
-        ],
-        f"{w.name}_dq",
-        axis=0,
-    )
+    w_dq = t.weight_dq(w, w_q, ws32, np.zeros(n_out, w_q.dtype), axis=0)
     return _FoldedInput(x_dq, qx, w_dq, ws32, shift, kind)
 
 
@@ -867,12 +871,7 @@ def _conv(t: _Translator, n, x, w, bias=None, stride=(1,), padding=(0,), dilatio
     padding = list(padding) * (rank if len(padding) == 1 else 1)
     x_in = t.v(x)
     requant = t.requant_params(n)
-    b = None  # the bias as a constant (None: no bias, or a computed one)
-    if bias is not None:
-        b = t.consts.get(bias)
-        if b is None and bias.op == "get_attr":
-            b = getattr_path(t.gm, bias.target)
-        b = b.detach().double().numpy() if isinstance(b, torch.Tensor) else None
+    b = _constant(t, bias)  # None: no bias, or a computed one
     folded = None
     if requant is not None and rank == 2 and (bias is None or b is not None):
         folded = _fold_channel_scales(t, n, x_in, w, groups, padding)
@@ -1420,10 +1419,10 @@ def export_onnx_qdq(
         gm, shapes, consts, b, requantize=requantize, ort_contrib_ops=ort_contrib_ops,
         max_added_error=max_added_error,
     )  # fmt: skip
-    if requantize == "auto" and calib is not None:  # conv outputs before a smooth activation
-        smooth = {n for n in gm.graph.nodes if n.target in _CONVS and tr.needs_samples(n)}
-        if smooth:
-            rec = _Recorder(gm, smooth)
+    if requantize == "auto" and calib is not None:  # conv outputs whose grids are fitted
+        fitted = {n for n in gm.graph.nodes if n.target in _CONVS and tr.needs_samples(n)}
+        if fitted:
+            rec = _Recorder(gm, fitted)
             with torch.no_grad():
                 rec.run(calib[:FIT_IMAGES].detach().float())
             tr.samples = rec.values

@@ -202,19 +202,24 @@ def _dw_per_channel_recipe() -> hyq_fx.recipes.Recipe:
     return hyq_fx.recipes.Recipe.from_dict(data)
 
 
-def test_per_channel_activation_is_per_axis_qdq(tmp_path, requantize="none"):
+def _quantize_dw_per_channel(model_cls, x: torch.Tensor, a_bits: int):
+    """``model_cls()`` quantized with minmax + per-channel depthwise inputs, W8 / ``a_bits``."""
+    torch.manual_seed(0)
+    return hyq_fx.quantize(
+        model_cls().eval(), x, _dw_per_channel_recipe(), w_bits=8, a_bits=a_bits, progress=False
+    )
+
+
+def test_per_channel_activation_is_per_axis_qdq(tmp_path):
     """``depthwise_per_channel``: the depthwise conv's input quantizer (per-channel scale and
     zero point along axis 1, 6-bit) is one QuantizeLinear / DequantizeLinear pair with
     ``axis=1`` and [C] scale / zero point, not a float leftover, and ONNX Runtime agrees."""
-    torch.manual_seed(0)
     x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    qgm = hyq_fx.quantize(
-        _Depthwise().eval(), x, _dw_per_channel_recipe(), w_bits=8, a_bits=6, progress=False
-    )
+    qgm = _quantize_dw_per_channel(_Depthwise, x, a_bits=6)
     acts = [m for m in qgm.modules() if isinstance(m, hyq_fx.FakeQuantizer) and m.role != "weight"]
     (fq,) = [m for m in acts if m.spec.per_channel]
     assert fq.spec.axis == 1 and len(set(fq.zero_point.flatten().tolist())) > 1
-    path = export_onnx_qdq(qgm, tmp_path / "dw.onnx", x[:2], requantize=requantize, calib=x)
+    path = export_onnx_qdq(qgm, tmp_path / "dw.onnx", x[:2], requantize="none", calib=x)
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -276,11 +281,7 @@ def test_per_channel_input_of_depthwise_conv_folds_into_qlinearconv(tmp_path):
     QuantizeLinear), so ONNX Runtime runs it as QLinearConv; with ``requantize="exact"`` the
     result is the fake-quant model's up to float rounding."""
     x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    torch.manual_seed(0)
-    qgm = hyq_fx.quantize(
-        _DepthwiseThenPointwise().eval(), x, _dw_per_channel_recipe(), w_bits=8, a_bits=6,
-        progress=False,
-    )  # fmt: skip
+    qgm = _quantize_dw_per_channel(_DepthwiseThenPointwise, x, a_bits=6)
     (fq,) = [m for m in qgm.modules() if isinstance(m, hyq_fx.FakeQuantizer) and
              m.role != "weight" and m.spec.per_channel]  # fmt: skip
     assert len(set(fq.zero_point.flatten().tolist())) > 1  # the bias correction is exercised
@@ -295,11 +296,7 @@ def test_requantizing_for_a_per_channel_quantizer_is_measured(tmp_path):
     range: it would add more, so the conv stays float), and says what it added."""
 
     x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    torch.manual_seed(0)
-    qgm = hyq_fx.quantize(
-        _DepthwiseThenPointwise().eval(), x, _dw_per_channel_recipe(), w_bits=8, a_bits=8,
-        progress=False,
-    )  # fmt: skip
+    qgm = _quantize_dw_per_channel(_DepthwiseThenPointwise, x, a_bits=8)
     with torch.no_grad():
         ref = qgm(x)
 
@@ -337,11 +334,7 @@ def test_per_channel_quantizer_right_after_a_quantized_conv_runs(tmp_path, requa
     writes that quantizer as a per-tensor QuantizeLinear of ``x·(s̄/s_c) + (z_c − z̄)·s̄``
     (the same codes), so the model runs and matches the fake-quant one."""
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    torch.manual_seed(0)
-    qgm = hyq_fx.quantize(
-        _ConvThenDepthwise().eval(), x, _dw_per_channel_recipe(), w_bits=8, a_bits=6,
-        progress=False,
-    )  # fmt: skip
+    qgm = _quantize_dw_per_channel(_ConvThenDepthwise, x, a_bits=6)
     assert len(set(_per_channel_zero_points(qgm))) > 1
     path = export_onnx_qdq(qgm, tmp_path / "m.onnx", x[:2], requantize=requantize, calib=x)
     with torch.no_grad():
