@@ -76,7 +76,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
 from hyq_fx.artifact import atomic_output_file
-from hyq_fx.lowering import lower_for_export
+from hyq_fx.lowering import fold_tokens_with_pixel_shuffle, lower_for_export
 from hyq_fx.quantize import quantizers_mode
 from hyq_fx.quantizer import FakeQuantizer
 
@@ -288,7 +288,6 @@ class _Builder:
         self.inits: dict[str, onnx.TensorProto] = {}
         self._names: set[str] = set()
         self._consts: dict[tuple, str] = {}
-        self.producer: dict[str, onnx.NodeProto] = {}
 
     def fresh(self, base: str) -> str:
         base = "".join(c if c.isalnum() or c in "._" else "_" for c in base) or "v"
@@ -332,20 +331,7 @@ class _Builder:
             op_type, list(inputs), outs, name=self.fresh(f"{base}_{op_type}"), **attrs
         )
         self.nodes.append(node)
-        for out in outs:
-            self.producer[out] = node
         return outs[0] if n_out == 1 else outs
-
-    def fuses_into_quantize(self, x: str) -> bool:
-        """Whether ONNX Runtime would fuse the op producing ``x`` with a QuantizeLinear after it
-        (``DQ → Conv/MatMul/Gemm/Add/Mul → Q``, a Relu / Clip between included)."""
-        node = self.producer.get(x)
-        while node is not None and node.op_type in ("Relu", "Clip"):
-            node = self.producer.get(node.input[0])
-        if node is None or node.op_type not in ("Conv", "MatMul", "Gemm", "Add", "Mul"):
-            return False
-        dq = [self.producer.get(i) for i in node.input[:2]]
-        return all(d is not None and d.op_type == "DequantizeLinear" for d in dq)
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,23 +504,27 @@ class _Translator:
     def codes(self, x: str, qp: _QParams, base: str, axis: int | None = None, rank: int = 4):
         """``Clip(QuantizeLinear(x, s, z[, axis]))``: the integer codes of ``x``.
 
-        A per-axis QuantizeLinear right after an op that ONNX Runtime fuses with its output
-        QuantizeLinear (a quantized Conv / MatMul / Add...) would become, say, a QLinearConv
-        with a per-channel output zero point, which ONNX Runtime accepts when it optimises the
-        graph and rejects when it runs it. There the per-channel quantization is written as
-        ``QuantizeLinear(x·(s̄/s_c) + (z_c − z̄)·s̄, s̄, z̄)``, the same codes
-        (``round(x/s_c + z_c − z̄) + z̄``, ``z_c − z̄`` an integer) with a per-tensor Q.
+        A per-channel quantization is written as ``QuantizeLinear(x·(s̄/s_c) + (z_c − z̄)·s̄,
+        s̄, z̄)``, the same codes (``round(x/s_c + z_c − z̄) + z̄``, ``z_c − z̄`` an integer)
+        with a per-tensor Q, for two reasons found in ONNX Runtime 1.32. A per-axis Q right
+        after an op that it fuses with its output Q (a quantized Conv / MatMul / Add...)
+        became, say, a QLinearConv with a per-channel output zero point, accepted when the
+        graph was optimised and rejected when it ran. And where its NHWC layout transformer
+        moves a per-axis Q to ``axis=3``, that Q took 125 ms of a 325 ms batch-32
+        mobilevit_xxs run (the same Q at ``axis=1``: 1 ms).
         """
         dtype = qp.zero_point.dtype
-        if axis is not None and self.b.fuses_into_quantize(x):
+        if axis is not None:
             shape = [-1] + [1] * (rank - 1 - axis)
             sigma = qp.scale.astype(np.float64)
             z = qp.zero_point.astype(np.int64)
             s_bar, z_bar = _shared_scale_and_zero(sigma, z)
             ratio = (s_bar / sigma).astype(np.float32).reshape(shape)
             shift = ((z - z_bar) * s_bar).astype(np.float32).reshape(shape)
-            x = self.b.op("Mul", [x, self.b.init(ratio, f"{base}_ratio")], f"{base}_rescale")
-            x = self.b.op("Add", [x, self.b.init(shift, f"{base}_shift")], f"{base}_shift")
+            if np.any(ratio != 1):
+                x = self.b.op("Mul", [x, self.b.init(ratio, f"{base}_ratio")], f"{base}_rescale")
+            if np.any(shift != 0):
+                x = self.b.op("Add", [x, self.b.init(shift, f"{base}_shift")], f"{base}_shift")
             s, z_ = self.b.const(np.float32(s_bar)), self.b.const(z_bar, dtype)
             q = self.b.op("QuantizeLinear", [x, s, z_], f"{base}_q")
         else:
@@ -1139,6 +1129,11 @@ def _permute(t: _Translator, n, x, dims):
     return t.b.op("Transpose", [t.v(x)], n.name, perm=[d % r for d in dims])
 
 
+@_handles(aten.pixel_shuffle.default)
+def _pixel_shuffle(t: _Translator, n, x, factor):
+    return t.b.op("DepthToSpace", [t.v(x)], n.name, blocksize=int(factor), mode="CRD")
+
+
 @_handles(aten.t.default)
 def _t(t: _Translator, n, x):
     return t.b.op("Transpose", [t.v(x)], n.name, perm=[1, 0])
@@ -1387,7 +1382,7 @@ def export_onnx_qdq(
         raise ExportError(f"opset={opset}; use {MIN_OPSET}..{MAX_OPSET} (LayerNormalization ≥ 17)")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise ExportError("example_input must be an image batch tensor [N, C, H, W]")
-    gm = lower_for_export(gm, example_input)
+    gm = fold_tokens_with_pixel_shuffle(lower_for_export(gm, example_input), example_input)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise ExportError(f"the module takes {len(placeholders)} inputs; only one is supported")

@@ -76,6 +76,7 @@ def test_qdq_file_structure(exported):
     onnx.checker.check_model(model, full_check=True)
     counts = onnx_node_counts(exported["auto"])
     assert counts["QuantizeLinear"] > 30 and counts["DequantizeLinear"] > 60
+    assert counts["DepthToSpace"] == 3  # the token folds (hyq_fx.lowering)
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     weight_dqs = [
@@ -210,10 +211,11 @@ def _quantize_dw_per_channel(model_cls, x: torch.Tensor, a_bits: int):
     )
 
 
-def test_per_channel_activation_is_per_axis_qdq(tmp_path):
+def test_per_channel_activation_is_per_tensor_q_and_per_axis_dq(tmp_path):
     """``depthwise_per_channel``: the depthwise conv's input quantizer (per-channel scale and
-    zero point along axis 1, 6-bit) is one QuantizeLinear / DequantizeLinear pair with
-    ``axis=1`` and [C] scale / zero point, not a float leftover, and ONNX Runtime agrees."""
+    zero point along axis 1, 6-bit) is a per-tensor QuantizeLinear of ``x·(s̄/s_c) + (z_c −
+    z̄)·s̄`` (the same codes; no per-axis Q, which ONNX Runtime may move to a slow axis) and a
+    DequantizeLinear with ``axis=1`` and [C] scale / zero point; ONNX Runtime agrees."""
     x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     qgm = _quantize_dw_per_channel(_Depthwise, x, a_bits=6)
     acts = [m for m in qgm.modules() if isinstance(m, hyq_fx.FakeQuantizer) and m.role != "weight"]
@@ -228,7 +230,10 @@ def test_per_channel_activation_is_per_axis_qdq(tmp_path):
     qdq = ("QuantizeLinear", "DequantizeLinear")
     per_axis = [n for n in model.graph.node if n.op_type in qdq and n.input[0] not in inits and
                 any(a.name == "axis" for a in n.attribute)]  # fmt: skip
-    assert sorted(n.op_type for n in per_axis) == ["DequantizeLinear", "QuantizeLinear"]
+    assert [n.op_type for n in per_axis] == ["DequantizeLinear"]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    (q,) = [n for n in quants if n.input[0] in producers and producers[n.input[0]].op_type == "Add"]
+    assert producers[producers[q.input[0]].input[0]].op_type == "Mul"
     for node in per_axis:
         assert next(a.i for a in node.attribute if a.name == "axis") == 1
         scale, zero = inits[node.input[1]], inits[node.input[2]]
@@ -381,7 +386,8 @@ def test_outlier_scaled_pointwise_conv_folds_into_qlinearconv(tmp_path):
     gm = run_passes(gm, [get_pass(n)(ctx, **opts.get(n, {})) for n in names])
     assert ctx.log[-1]["per_channel_quantizer"]  # the form this test is about
     ops = _check_folded_export(gm, x, tmp_path, "pointwise")
-    assert ops.count("Mul") == 1  # SiLU's; the α⁻¹ product is gone
+    # SiLU's and the ratio s̄/s_c before the per-tensor QuantizeLinear; the α⁻¹ product is gone
+    assert ops.count("Mul") == 2
 
 
 def test_interrupted_export_leaves_no_partial_file(tmp_path, monkeypatch):
