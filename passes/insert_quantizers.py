@@ -94,6 +94,7 @@ class InsertQuantizers(HyqPass):
         activation: dict[str, Any] | None = None,
         skip: tuple[str, ...] | list[str] = (),
         depthwise_per_channel: bool = False,
+        depthwise_per_channel_max_bits: int | None = None,
     ) -> None:
         super().__init__(ctx)
         if isinstance(ops, str):
@@ -105,7 +106,17 @@ class InsertQuantizers(HyqPass):
         self.weight = {**WEIGHT_DEFAULT, **(weight or {})}
         self.activation = {**ACTIVATION_DEFAULT, **(activation or {})}
         self.skip = tuple(skip)
-        self.depthwise_per_channel = depthwise_per_channel
+        bits = depthwise_per_channel_max_bits
+        if bits is not None and (not isinstance(bits, int) or bits < 2):
+            raise PassError(
+                "insert_quantizers: depthwise_per_channel_max_bits must be an int >= 2 or null, "
+                f"got {bits!r}"
+            )
+        # per-channel depthwise inputs only up to that activation bit width: at 8 bits they
+        # did not change top-1 and cost ONNX Runtime a float Pad/Mul/Add per depthwise conv
+        self.depthwise_per_channel = depthwise_per_channel and (
+            bits is None or self.ctx.a_bits <= bits
+        )
         # validate now, so a bad recipe fails before any work
         _spec(self.weight, self.ctx.w_bits, 0, "weight")
         _spec(self.activation, self.ctx.a_bits, 0, "activation")

@@ -121,6 +121,20 @@ def test_gptq_needs_calibrated_weight_quantizers():
         get_pass("round_weights_gptq")(ctx, damp=2.0)
 
 
+def test_depthwise_per_channel_max_bits_limits_the_activation_bit_widths(data):
+    calib, _ = data
+    recipe = _recipe("minmax", [], depthwise_per_channel=True, depthwise_per_channel_max_bits=7)
+    for a_bits, per_channel in ((8, 0), (7, 1), (4, 1)):
+        gm = hyq_fx.quantize(_model(), calib, recipe, 8, a_bits, progress=False)
+        acts = [fq for fq in quantizers(gm).values() if fq.role != "weight"]
+        found = [fq for fq in acts if fq.spec.per_channel]
+        assert len(found) == per_channel, a_bits
+    ctx = QuantContext([calib])
+    for bad in (1, 7.5):
+        with pytest.raises(PassError, match="depthwise_per_channel_max_bits"):
+            get_pass("insert_quantizers")(ctx, depthwise_per_channel_max_bits=bad)
+
+
 def test_depthwise_inputs_per_channel_beat_per_tensor_at_4_bits(data):
     calib, test = data
     model = _model()
