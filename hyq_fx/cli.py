@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ort-contrib-ops",
         action="store_true",
         help="onnx: SiLU as com.microsoft.QuickGelu (same values, faster in onnxruntime; the "
-        "file then needs onnxruntime)",
+        "file then needs onnxruntime), and with --requantize auto on uint8 codes "
+        "(QLinearSigmoid, QLinearMul: one more rounding) behind a requantized conv",
     )
     x.add_argument(
         "--tune-trials",
