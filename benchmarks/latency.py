@@ -7,7 +7,8 @@ For each shared CIFAR-10 checkpoint it quantizes with hyq-fx (``--recipe``, W8A8
 * ``ort_qdq_auto`` (ours): ``export_onnx_qdq(requantize="auto")``, conv outputs requantized so
   ONNX Runtime runs ``QLinearConv``; linears/attention matmuls run ``MatMulIntegerToFloat``;
 * ``ort_qdq_auto_ms`` (ours): the same with ``ort_contrib_ops=True`` (SiLU written as ONNX
-  Runtime's ``com.microsoft.QuickGelu``);
+  Runtime's ``com.microsoft.QuickGelu``, and behind a requantized conv as ``QLinearSigmoid`` +
+  ``QLinearMul`` on the uint8 codes, since session 7);
 * ``ort_qdq_exact`` (ours): ``requantize="none"``, the exact fake-quant graph (float convs);
 * ``ort_static`` (with ``--ort-static``): ONNX Runtime's own ``quantize_static`` of the FP32
   ONNX (QDQ, per-channel int8 weights, uint8 min-max activations, same calibration images),
@@ -52,7 +53,7 @@ LABELS = {
     "torch_fp32": "torch FP32 eager",
     "ort_fp32": "onnxruntime FP32",
     "ort_qdq_auto": "onnxruntime QDQ int8, ours (requantize=auto: QLinearConv)",
-    "ort_qdq_auto_ms": "onnxruntime QDQ int8, ours (auto + SiLU as com.microsoft.QuickGelu)",
+    "ort_qdq_auto_ms": "onnxruntime QDQ int8, ours (auto + contrib ops: SiLU on uint8 codes)",
     "ort_qdq_exact": "onnxruntime QDQ int8, ours (requantize=none: exact fake-quant)",
     "ort_static": "onnxruntime quantize_static (QDQ, per-channel, min-max)",
     "tvm_fp32": "TVM Relax FP32, llvm, untuned (default schedules)",
