@@ -122,7 +122,7 @@ _FOLD = is_op(*_RESHAPES)(
 ).named("image")
 
 
-def _dims(node: fx.Node, rank: int) -> tuple[int, ...] | None:
+def _dims(node: fx.Node, rank: int) -> tuple[int, ...]:
     """The transposed dims of ``node`` (sorted, non-negative) for an input of ``rank``."""
     return tuple(sorted(int(d) % rank for d in node.args[1:3]))
 
