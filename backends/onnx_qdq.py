@@ -327,10 +327,11 @@ class _Builder:
 
     def op(self, op_type: str, inputs: Sequence[str], base: str, n_out: int = 1, **attrs):
         outs = [self.fresh(f"{base}" if n_out == 1 else f"{base}_{i}") for i in range(n_out)]
-        node = helper.make_node(
-            op_type, list(inputs), outs, name=self.fresh(f"{base}_{op_type}"), **attrs
+        self.nodes.append(
+            helper.make_node(
+                op_type, list(inputs), outs, name=self.fresh(f"{base}_{op_type}"), **attrs
+            )
         )
-        self.nodes.append(node)
         return outs[0] if n_out == 1 else outs
 
 
@@ -583,8 +584,7 @@ class _Translator:
             q = self.b.op("QuantizeLinear", [x, s, z_], f"{base}_q")
         else:
             s, z_ = self.b.const(qp.scale), self.b.const(qp.zero_point, dtype)
-            kw = {} if axis is None else {"axis": axis}
-            q = self.b.op("QuantizeLinear", [x, s, z_], f"{base}_q", **kw)
+            q = self.b.op("QuantizeLinear", [x, s, z_], f"{base}_q")
         if qp.needs_clip:
             lo, hi = self.b.const(qp.qmin, dtype), self.b.const(qp.qmax, dtype)
             q = self.b.op("Clip", [q, lo, hi], f"{base}_clip")

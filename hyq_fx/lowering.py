@@ -154,7 +154,8 @@ def fold_tokens_with_pixel_shuffle(
     if not any(True for _ in match_all(gm, _FOLD)):
         return gm
     gm = copy.deepcopy(gm)
-    if example_input is not None:
+    shapeless = any(_shape(n) is None for m in match_all(gm, _FOLD) for n in m.values())
+    if example_input is not None and shapeless:  # e.g. a graph loaded from an artifact
         from .graph import propagate_shapes
 
         with torch.no_grad():

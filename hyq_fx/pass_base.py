@@ -38,6 +38,14 @@ class PassError(ValueError):
     """A pass was misconfigured or its precondition does not hold."""
 
 
+def check_bits_option(owner: str, what: str, value: Any) -> int | None:
+    """``value`` if it is a bit width a pass may be limited to (an int >= 2) or None, else a
+    PassError naming ``owner`` (the pass) and ``what`` (the option)."""
+    if value is not None and (not isinstance(value, int) or value < 2):
+        raise PassError(f"{owner}: {what} must be an int >= 2 or null, got {value!r}")
+    return value
+
+
 @dataclass
 class QuantContext:
     """What passes share: calibration batches, default bit widths, the seed, progress bars."""

@@ -23,7 +23,14 @@ import torch
 from torch import fx
 
 from hyq_fx.observers import OBSERVERS
-from hyq_fx.pass_base import HyqPass, PassError, PassResult, add_module_call, register_pass
+from hyq_fx.pass_base import (
+    HyqPass,
+    PassError,
+    PassResult,
+    add_module_call,
+    check_bits_option,
+    register_pass,
+)
 from hyq_fx.quantizer import FakeQuantizer
 from hyq_fx.spec import QuantSpec
 
@@ -106,12 +113,9 @@ class InsertQuantizers(HyqPass):
         self.weight = {**WEIGHT_DEFAULT, **(weight or {})}
         self.activation = {**ACTIVATION_DEFAULT, **(activation or {})}
         self.skip = tuple(skip)
-        bits = depthwise_per_channel_max_bits
-        if bits is not None and (not isinstance(bits, int) or bits < 2):
-            raise PassError(
-                "insert_quantizers: depthwise_per_channel_max_bits must be an int >= 2 or null, "
-                f"got {bits!r}"
-            )
+        bits = check_bits_option(
+            self.name, "depthwise_per_channel_max_bits", depthwise_per_channel_max_bits
+        )
         # per-channel depthwise inputs only up to that activation bit width: at 8 bits they
         # did not change top-1 and cost ONNX Runtime a float Pad/Mul/Add per depthwise conv
         self.depthwise_per_channel = depthwise_per_channel and (

@@ -59,6 +59,7 @@ from hyq_fx.pass_base import (
     PassError,
     PassResult,
     add_constant,
+    check_bits_option,
     get_tensor,
     quantizers,
     register_pass,
@@ -261,12 +262,8 @@ class ScaleBottleneckOutliers(HyqPass):
         max_bits: int | None = None,
     ) -> None:
         super().__init__(ctx)
-        for what, value in (("min_bits", min_bits), ("max_bits", max_bits)):
-            if value is not None and (not isinstance(value, int) or value < 2):
-                raise PassError(
-                    f"scale_bottleneck_outliers: {what} must be an int >= 2 or null, got {value!r}"
-                )
-        self.min_bits, self.max_bits = min_bits, max_bits
+        self.min_bits = check_bits_option(self.name, "min_bits", min_bits)
+        self.max_bits = check_bits_option(self.name, "max_bits", max_bits)
         unknown = sorted(set(ops) - set(OPS))
         if unknown:
             raise PassError(
