@@ -14,9 +14,16 @@ import torch
 from torch import nn
 
 import hyq_fx
-from hyq_fx.pass_base import PassError, QuantContext, get_pass, get_tensor, quantizers
+from hyq_fx.pass_base import (
+    PassError,
+    QuantContext,
+    get_pass,
+    get_tensor,
+    quantizers,
+    run_passes,
+)
 from hyq_fx.passes.reconstruct_blocks import partition_blocks
-from hyq_fx.passes.round_weights_gptq import gptq_round
+from hyq_fx.passes.round_weights_gptq import gptq_round, search_round
 from hyq_fx.quantize import quantizers_mode
 from hyq_fx.recipes import Recipe, get_recipe
 from hyq_fx.report import sqnr_db
@@ -111,6 +118,54 @@ def test_gptq_pass_lowers_the_logit_error_and_keeps_weights_on_grid(data):
                 assert torch.equal(fq(w), w), node.target  # already on the grid: Q(Ŵ) = Ŵ
 
 
+def test_search_round_beats_gptq_on_depthwise_kernels():
+    # 3x3 patches of a smooth image: the taps are strongly correlated, as in a real depthwise conv
+    gen = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.avg_pool2d(torch.randn(64, 1, 40, 40, generator=gen), 3, 1, 1)
+    cols = torch.nn.functional.unfold(image, 3).transpose(0, 1).reshape(9, -1)
+    h = (cols @ cols.t()).double() / cols.shape[1]
+    w = torch.randn(200, 9, generator=gen) * (1 + torch.rand(200, 1, generator=gen))
+    scale = w.abs().amax(1) / 7
+    q, s = search_round(w, h, scale, -7, 7, grid=20)
+    on_grid = q / s[:, None]
+    assert torch.allclose(on_grid, on_grid.round(), atol=1e-6) and on_grid.abs().max() <= 7
+    assert (s <= scale.double() + 1e-12).all()  # only shrunk, as GPTQ's scale search
+
+    def err(r: torch.Tensor) -> torch.Tensor:
+        d = r.double() - w.double()
+        return torch.einsum("od,de,oe->o", d, h, d)
+
+    s0 = scale.double()[:, None]
+    rtn = torch.clamp(torch.round(w.double() / s0), -7, 7) * s0
+    assert (err(q) <= err(rtn) * (1 + 1e-9)).all()  # round-to-nearest is one of the candidates
+    gptq = gptq_round(w, h, scale, -7, 7)
+    assert err(q).sum() < 0.85 * err(gptq).sum(), (float(err(q).sum()), float(err(gptq).sum()))
+
+
+def test_exhaustive_rounding_of_depthwise_weights_lowers_the_logit_error(data):
+    calib, test = data
+    model = _model()
+    sqnr = {}
+    for columns in (0, 9):
+        step = {"pass": "round_weights_gptq", "args": {"exhaustive_max_columns": columns}}
+        gm = hyq_fx.quantize(model, calib, _recipe("minmax", [step]), 3, 8, progress=False)
+        sqnr[columns] = _logit_sqnr(gm, model, test)
+    assert sqnr[9] > sqnr[0] + 1.0, sqnr
+
+
+@pytest.mark.parametrize(("w_bits", "a_bits", "searched"), [(4, 8, True), (6, 6, False)])
+def test_exhaustive_search_runs_only_at_its_bit_widths(data, w_bits, a_bits, searched):
+    calib, _ = data
+    ctx = QuantContext([calib], w_bits=w_bits, a_bits=a_bits, progress=False)
+    gates = {"exhaustive_max_columns": 9, "exhaustive_max_bits": 4}
+    step = {"pass": "round_weights_gptq", "args": {**gates, "exhaustive_min_activation_bits": 8}}
+    run_passes(hyq_fx.capture(_model(), calib[:2]), _recipe("minmax", [step]).build(ctx))
+    rounding = {r["layer"]: r.get("rounding") for r in ctx.log[-1]["layers"]}
+    # rows of <= 9 taps: the depthwise 3x3 conv (conv2d_2), the 1x1 conv and the head over 8
+    expected = {"conv2d_1", "conv2d_2", "linear"} if searched else set()
+    assert {op for op, how in rounding.items() if how == "search"} == expected, rounding
+
+
 def test_gptq_needs_calibrated_weight_quantizers():
     gm = hyq_fx.capture(nn.Sequential(nn.Conv2d(3, 4, 1)).eval(), torch.randn(2, 3, 4, 4))
     ctx = QuantContext([torch.randn(2, 3, 4, 4)])
@@ -119,6 +174,8 @@ def test_gptq_needs_calibrated_weight_quantizers():
         get_pass("round_weights_gptq")(ctx)(gm)
     with pytest.raises(PassError, match="damp"):
         get_pass("round_weights_gptq")(ctx, damp=2.0)
+    with pytest.raises(PassError, match="exhaustive_max_columns"):
+        get_pass("round_weights_gptq")(ctx, exhaustive_max_columns=16)
 
 
 def test_depthwise_per_channel_max_bits_limits_the_activation_bit_widths(data):
