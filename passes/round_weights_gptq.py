@@ -122,9 +122,7 @@ def search_round(
     column order only approximates. Returns ``(rounded weight, per-row scale)``."""
     w, h = w.double(), hessian.double()
     d = w.shape[1]
-    patterns = torch.tensor(
-        [[(k >> i) & 1 for i in range(d)] for k in range(1 << d)], dtype=torch.float64
-    )  # [K, D]
+    patterns = ((torch.arange(1 << d)[:, None] >> torch.arange(d)) & 1).double()  # [2^D, D]
     best_q, best_s = torch.zeros_like(w), scale.double().clone()
     best_err = torch.full((w.shape[0],), math.inf, dtype=torch.float64)
     for alpha in torch.linspace(1.0, 0.5, grid).tolist():
