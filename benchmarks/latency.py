@@ -110,9 +110,11 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> tuple[dict[str, 
             paths[key] = lib
     if args.tune_trials:  # static batch 1 (tuning needs static shapes); database beside it
         lib = work / f"{name}.{args.recipe}.tvm_int8_tuned_b1.so"
-        if not lib.exists():
-            # a database beside it (an earlier or interrupted tuning) is applied, not re-tuned
-            trials = 0 if lib.with_suffix(".tuning").is_dir() else args.tune_trials
+        has_database = lib.with_suffix(".tuning").is_dir()
+        if not lib.exists() or args.tune_resume:
+            # a database beside it (an earlier or interrupted tuning) is applied, not re-tuned,
+            # unless --tune-resume adds the trials to it
+            trials = args.tune_trials if args.tune_resume or not has_database else 0
             start = time.perf_counter()
             build_tvm(qgm, example[:1], "llvm", lib, dynamic_batch=False, tune_trials=trials)
             export_s["tvm_int8_tuned"] = time.perf_counter() - start
@@ -202,6 +204,12 @@ def main() -> None:
         type=int,
         default=0,
         help="add a MetaSchedule-tuned TVM int8 library (batch 1) with this trial budget",
+    )
+    p.add_argument(
+        "--tune-resume",
+        action="store_true",
+        help="with --tune-trials: spend the trials on top of the database already in --work "
+        "(and rebuild the tuned library) instead of applying that database as it is",
     )
     p.add_argument("--work", default="/tmp/hyq-latency", help="cache of artifacts and .onnx")
     p.add_argument("--out", default=str(RESULTS / "latency"), help="results path stem")

@@ -198,7 +198,8 @@ class RoundWeightsGPTQ(HyqPass):
         if not 0 <= damp < 1:
             raise PassError(f"round_weights_gptq: damp={damp} must be in [0, 1)")
         self.rounds, self.damp, self.grid = rounds, damp, shrink_grid
-        if not 0 <= exhaustive_max_columns <= EXHAUSTIVE_MAX_COLUMNS:
+        columns = exhaustive_max_columns
+        if not isinstance(columns, int) or not 0 <= columns <= EXHAUSTIVE_MAX_COLUMNS:
             raise PassError(
                 f"round_weights_gptq: exhaustive_max_columns={exhaustive_max_columns} must be "
                 f"in [0, {EXHAUSTIVE_MAX_COLUMNS}] (2^D roundings are tried per row)"

@@ -174,8 +174,9 @@ def test_gptq_needs_calibrated_weight_quantizers():
         get_pass("round_weights_gptq")(ctx)(gm)
     with pytest.raises(PassError, match="damp"):
         get_pass("round_weights_gptq")(ctx, damp=2.0)
-    with pytest.raises(PassError, match="exhaustive_max_columns"):
-        get_pass("round_weights_gptq")(ctx, exhaustive_max_columns=16)
+    for bad in (16, "9"):
+        with pytest.raises(PassError, match="exhaustive_max_columns"):
+            get_pass("round_weights_gptq")(ctx, exhaustive_max_columns=bad)
 
 
 def test_depthwise_per_channel_max_bits_limits_the_activation_bit_widths(data):
