@@ -97,12 +97,17 @@ def _quantize_rows(w: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -
     return torch.clamp(torch.round(w / scale), qmin, qmax) * scale
 
 
+def _shrink_factors(grid: int) -> list[float]:
+    """The clipping factors ``α`` in (0.5, 1] that the scale searches try, widest first."""
+    return torch.linspace(1.0, 0.5, grid).tolist()
+
+
 def _shrink_scales(
     w: torch.Tensor, diag: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, grid: int
 ) -> torch.Tensor:
     """Per row, the scale ``α·s`` (α in (0.5, 1]) with the least diag(H)-weighted error."""
     best, best_err = scale.clone(), torch.full_like(scale, math.inf)
-    for alpha in torch.linspace(1.0, 0.5, grid).tolist():
+    for alpha in _shrink_factors(grid):
         s = scale * alpha
         err = ((w - _quantize_rows(w, s[:, None], qmin, qmax)).square() * diag).sum(1)
         better = err < best_err
@@ -125,7 +130,7 @@ def search_round(
     patterns = ((torch.arange(1 << d)[:, None] >> torch.arange(d)) & 1).double()  # [2^D, D]
     best_q, best_s = torch.zeros_like(w), scale.double().clone()
     best_err = torch.full((w.shape[0],), math.inf, dtype=torch.float64)
-    for alpha in torch.linspace(1.0, 0.5, grid).tolist():
+    for alpha in _shrink_factors(grid):
         s = scale.double() * alpha
         low = torch.floor(w / s[:, None])
         cand = torch.clamp(low[:, None, :] + patterns[None], qmin, qmax) * s[:, None, None]
@@ -270,12 +275,12 @@ class RoundWeightsGPTQ(HyqPass):
         searched = spec.per_channel and w.shape[2] <= self.exhaustive
         for g in range(layer.groups):
             s = scale[g] if scale.dim() == 2 else scale.expand(w.shape[1])
-            diag = torch.diag(hess[g]).float()
             if searched:
                 q, s = search_round(w[g], hess[g], s, spec.qmin, spec.qmax, self.grid)
                 s = s.float()
             else:
                 if spec.per_channel:
+                    diag = torch.diag(hess[g]).float()
                     s = _shrink_scales(w[g], diag, s, spec.qmin, spec.qmax, self.grid)
                 q = gptq_round(w[g], hess[g], s, spec.qmin, spec.qmax, self.damp, self.act_order)
             rounded[g] = q.float()
