@@ -849,6 +849,7 @@ def build_tvm(
     int8_tensor_cores: bool = False,
     tune_trials: int = 0,
     tuning_dir: str | Path | None = None,
+    fast_exp: bool = True,
 ) -> Path:
     """Build ``gm`` (a hyq-fx fake-quant GraphModule) into a Relax VM shared library.
 
@@ -861,13 +862,16 @@ def build_tvm(
     Kernels use TVM's default (untuned) schedules unless ``tune_trials > 0`` (MetaSchedule on
     this CPU, ``llvm`` with a static batch only; see ``tvm_tuning``) or ``tuning_dir`` holds a
     database from an earlier tuning (default ``OUT/model.llvm.tuning`` beside ``out_path``,
-    reused when it exists). Writes ``out_path`` and a ``.json`` beside
+    reused when it exists). ``fast_exp`` lowers float32 ``exp`` (SiLU, sigmoid, softmax) on
+    CPU targets to a vectorizable polynomial (``tvm_fast_exp``, ≤ 1e-6 relative) instead of
+    one libm call per element. Writes ``out_path`` and a ``.json`` beside
     it (target, input shape, op counts, build seconds, the model's preprocessing), each through
     a temporary file renamed at the end.
     """
     import tvm
 
     from hyq_fx.artifact import atomic_output_file
+    from hyq_fx.backends.tvm_fast_exp import fast_exp as exp_lowering
     from hyq_fx.quantize import META_KEY, quantizers_mode
 
     if not isinstance(gm, fx.GraphModule):
@@ -897,7 +901,7 @@ def build_tvm(
         pipeline = _cuda_pipeline(tvm_target, int8_tensor_cores)
     else:
         pipeline = cpu_pipeline(tvm_target, tuning)
-    with tvm_target:
+    with tvm_target, exp_lowering(fast_exp):
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
     # the library and its .json go to temporary files renamed at the end (the .json just
     # before the library): an interrupted export leaves no partial file under their names
@@ -910,6 +914,7 @@ def build_tvm(
             "target_config": str(tvm_target),
             "integer": integer,
             "int8_tensor_cores": bool(int8_tensor_cores and name == "cuda"),
+            "fast_exp": bool(fast_exp and name != "cuda"),
             "dynamic_batch": dynamic_batch,
             "batch": None if dynamic_batch else int(example_input.shape[0]),
             "input_shape": list(example_input.shape[1:]),

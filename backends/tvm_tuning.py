@@ -87,11 +87,16 @@ def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
     2-core CPU, paid by every build worker, and MetaSchedule starts new workers for each batch
     of candidates, so every build timed out. The candidates arrive already scheduled (any
     tensorization was done in the tuning process), so building them needs no intrinsic table.
+    Candidates get ``build_tvm``'s fast ``exp`` lowering, so they are timed as they will run.
     """
     from tvm.driver import build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    from hyq_fx.backends.tvm_fast_exp import fast_exp
+
+    # candidates are timed as build_tvm builds them (a worker process starts with it off)
+    with fast_exp():
+        return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def _tune(mod: Any, target: Any, options: TuningOptions) -> None:

@@ -16,6 +16,8 @@ A tiny conv + attention module keeps the TVM builds short; every invariant of
   by a runtime-only TVM (``TVM_USE_RUNTIME_LIB=1``, what a deployment machine needs), where a
   CUDA library without the NVIDIA driver is one clear error;
 * the aarch64 library is an aarch64 ELF (skipped without ``aarch64-linux-gnu-gcc``);
+* float32 ``exp`` built inside ``tvm_fast_exp.fast_exp`` is a polynomial (no ``llvm.exp`` call
+  in the LLVM IR) within 1e-6 relative of ``numpy.exp``; outside it TVM's lowering is unchanged;
 * MetaSchedule tuning (``tune_trials``) writes its database beside the library, a rebuild
   reuses it without searching, and the tuned library still matches the fake-quant model.
 """
@@ -292,6 +294,34 @@ def test_llvm_library_matches_fake_quant(qgm, images, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     if shutil.which("nvidia-smi") is None:  # no GPU driver here
         assert "CUDA runtime" in proc.stdout and "NVIDIA driver" in proc.stdout, proc.stdout
+
+
+def test_fast_exp_is_a_polynomial_within_1e6_and_only_where_asked():
+    import numpy as np
+    from tvm import relax
+
+    from hyq_fx.backends.tvm_fast_exp import fast_exp, fast_exp_enabled
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 1024), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.exp(x)))
+        bb.emit_func_output(out)
+    xs = np.concatenate([np.linspace(-80, 80, 4000), [-200, -87.3, 0, 88.3, 200] * 19 + [1]])
+    xs = xs.astype("float32").reshape(4, 1024)
+    exact = np.exp(np.clip(xs, np.float32(-87.3), np.float32(88.3)).astype("float64"))
+    for enabled in (True, False):
+        with fast_exp(enabled):
+            ex = tvm.compile(bb.get(), target=tvm.target.Target(FAST_LLVM))
+        assert not fast_exp_enabled()
+        llvm_ir = "".join(m.inspect_source("ll") for m in ex.mod.imports)
+        assert ("llvm.exp" in llvm_ir) is not enabled
+        got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xs)).numpy()
+        if enabled:  # clamped at both ends: finite, never 0 or inf
+            assert np.abs(got / exact - 1).max() < 1e-6
+        else:
+            assert np.abs(got[np.abs(xs) < 87] / exact[np.abs(xs) < 87] - 1).max() < 1e-6
 
 
 def _tiny_conv_linear() -> torch.fx.GraphModule:
