@@ -19,7 +19,8 @@ A tiny conv + attention module keeps the TVM builds short; every invariant of
 * float32 ``exp`` built inside ``tvm_fast_exp.fast_exp`` is a polynomial (no ``llvm.exp`` call
   in the LLVM IR) within 1e-6 relative of ``numpy.exp``; outside it TVM's lowering is unchanged;
 * MetaSchedule tuning (``tune_trials``) writes its database beside the library, a rebuild
-  reuses it without searching, and the tuned library still matches the fake-quant model.
+  reuses it without searching, tuning again goes to the kernels without a record first, and
+  the tuned library still matches the fake-quant model.
 """
 
 from __future__ import annotations
@@ -393,6 +394,13 @@ def test_metaschedule_tuning_writes_reuses_and_matches(tmp_path, monkeypatch):
     again = json.loads(path.with_suffix(".json").read_text())["tuning"]
     assert again["trials"] == 0 and again["records"] == tuning["records"]
     assert again["kernels_from_database"] == tuning["kernels_from_database"]
+    # 4 trials were one round of the first task; tuning again spends its trials on the kernels
+    # without a record first
+    assert tuning["kernels_from_database"] < tuning["tasks"]
+    path = tvm_relax.build_tvm(gm, x, FAST_LLVM, lib, dynamic_batch=False, tune_trials=4)
+    more = json.loads(path.with_suffix(".json").read_text())["tuning"]
+    assert more["tasks_with_records_skipped"] == tuning["kernels_from_database"]
+    assert more["kernels_from_database"] > tuning["kernels_from_database"]
     # a dynamic-batch build of the same library ignores it; asking to tune one is a clear error
     path = tvm_relax.build_tvm(gm, x, FAST_LLVM, lib)
     assert json.loads(path.with_suffix(".json").read_text())["tuning"] is None
