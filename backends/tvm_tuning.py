@@ -47,8 +47,8 @@ class TuningOptions:
     ``trials`` is MetaSchedule's ``max_trials_global`` (0: apply the database only);
     ``ops``: tune only the fused kernels whose name holds one of these op names (default conv2d
     and matmul, where the time goes; None tunes every kernel, elementwise ones included);
-    ``trials_per_task`` caps one kernel (default: ``max(trials_per_iter, trials // tasks)``
-    so every kernel gets a share); ``trials_per_iter`` is the candidates measured per round.
+    ``trials_per_task`` caps one kernel (default: ``max(1, trials // tasks)`` so every kernel
+    gets a share); ``trials_per_iter`` is the candidates measured per round (at most the cap).
     After the build ``summary`` holds what happened (tasks, records, kernels tuned, seconds).
     """
 
@@ -116,9 +116,9 @@ def _tune(mod: Any, target: Any, options: TuningOptions) -> None:
     if untuned and len(untuned) < len(tasks):
         options.summary["tasks_with_records_skipped"] = len(tasks) - len(untuned)
         tasks = untuned
-    per_task = options.trials_per_task or max(
-        options.trials_per_iter, options.trials // max(len(tasks), 1)
-    )
+    # every task gets its share of the budget (at least one trial): a task MetaSchedule never
+    # reaches keeps an unscheduled, single-threaded loop nest
+    per_task = options.trials_per_task or max(1, options.trials // max(len(tasks), 1))
     cost_model = _cost_model()
     contexts, weights = extracted_tasks_to_tune_contexts(tasks, str(options.work_dir), seed=0)
     start = time.perf_counter()

@@ -116,7 +116,10 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> tuple[dict[str, 
             # unless --tune-resume adds the trials to it
             trials = args.tune_trials if args.tune_resume or not has_database else 0
             start = time.perf_counter()
-            build_tvm(qgm, example[:1], "llvm", lib, dynamic_batch=False, tune_trials=trials)
+            ops = None if args.tune_ops == ["all"] else tuple(args.tune_ops)
+            build_tvm(
+                qgm, example[:1], "llvm", lib, dynamic_batch=False, tune_trials=trials, tune_ops=ops
+            )
             export_s["tvm_int8_tuned"] = time.perf_counter() - start
         runners["tvm_int8_tuned"] = TvmRunner(lib)
         paths["tvm_int8_tuned"] = lib
@@ -210,6 +213,12 @@ def main() -> None:
         action="store_true",
         help="with --tune-trials: spend the trials on top of the database already in --work "
         "(and rebuild the tuned library) instead of applying that database as it is",
+    )
+    p.add_argument(
+        "--tune-ops",
+        nargs="+",
+        default=["conv2d", "matmul"],
+        help="with --tune-trials: tune the fused kernels holding these ops ('all': every kernel)",
     )
     p.add_argument("--work", default="/tmp/hyq-latency", help="cache of artifacts and .onnx")
     p.add_argument("--out", default=str(RESULTS / "latency"), help="results path stem")
