@@ -204,7 +204,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from .backends.tvm_relax import export_tvm
 
-        path = export_tvm(args.out, args.target, batch=args.batch, tune_trials=args.tune_trials)
+        ops = None if args.tune_ops == ["all"] else tuple(args.tune_ops)
+        path = export_tvm(
+            args.out, args.target, batch=args.batch, tune_trials=args.tune_trials, tune_ops=ops
+        )
     _print_json({"out": str(path), "bytes": path.stat().st_size, "to": args.to})
     return 0
 
@@ -316,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="tvm llvm: MetaSchedule trials on this CPU (database in OUT/model.llvm.tuning; "
         "builds for --batch only)",
+    )
+    x.add_argument(
+        "--tune-ops",
+        nargs="+",
+        default=["conv2d", "matmul"],
+        help="tvm: with --tune-trials, tune the fused kernels holding these ops ('all': every "
+        "kernel, elementwise and softmax ones too); a rerun tunes kernels without a record first",
     )
     x.add_argument("--batch", type=int, default=1, help="tvm: batch size a tuned library runs")
     x.set_defaults(func=cmd_export)
