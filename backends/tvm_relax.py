@@ -886,7 +886,6 @@ def build_tvm(
     tuning = _tuning_options(name, out_path, dynamic_batch, tune_trials, tuning_dir)
     if tuning is not None:
         tuning.ops = tuple(tune_ops) if tune_ops is not None else None
-    if tuning is not None:
         tvm_target = tuning_target(tvm_target)
     start = time.perf_counter()
     example_input = example_input.detach().float().cpu()

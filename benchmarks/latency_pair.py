@@ -9,6 +9,12 @@ slow phases of the VM hit every file alike, and reports the median and 10th perc
 each. With ``--kernels N`` it also lists the N costliest kernels of each TVM library (Relax VM
 instrument: wall time of each call, summed per kernel name, over ``--block`` runs).
 
+Runtimes that share a process also share the two cores with each other's idle thread pools:
+TVM's workers spin after a run (ONNX Runtime FP32 read 7.4 ms beside a fully tuned TVM
+library, 2.2 ms alone) and without the spin (``TVM_THREAD_POOL_SPIN_COUNT=0``) TVM itself took
+7.5 ms instead of 2.9. ``--separate R`` therefore times each file in a process of its own,
+R processes per file in turn, which is the fair comparison on a small machine.
+
     python benchmarks/latency_pair.py /tmp/lat/mobilevit_xxs.cifar10.fp32.onnx \\
         /tmp/lat/mobilevit_xxs.cifar10.hyq-fx.tvm_int8_tuned_b1.so --kernels 15 \\
         --out benchmarks/results/latency_pair
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -88,24 +95,10 @@ def tvm_kernels(path: Path, x: np.ndarray, runs: int, top: int) -> list[dict]:
     ]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("files", nargs="+", type=Path, help=".onnx (onnxruntime) or .so (TVM) files")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--size", type=int, nargs=3, default=[3, 128, 128], metavar=("C", "H", "W"))
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--block", type=int, default=5, help="runs of one file before the next")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--kernels", type=int, default=0, help="list the N costliest TVM kernels")
-    p.add_argument("--out", default=str(RESULTS / "latency_pair"), help="results path stem")
-    args = p.parse_args()
-    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    bad = [f for f in args.files if f.suffix not in (".onnx", ".so") or not f.is_file()]
-    if bad:
-        p.error(f"{bad[0]}: give existing .onnx (onnxruntime) or .so (TVM library) files")
-    x = np.random.default_rng(0).random((args.batch, *args.size), dtype=np.float32)
+def measure(files: list[Path], x: np.ndarray, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds per run of each file, in alternating blocks (after one warm-up block each)."""
     runners = {
-        str(f): _ort(f, x, args.threads) if f.suffix == ".onnx" else _tvm(f, x) for f in args.files
+        str(f): _ort(f, x, args.threads) if f.suffix == ".onnx" else _tvm(f, x) for f in files
     }
     times: dict[str, list[float]] = {k: [] for k in runners}
     for fn in runners.values():  # warm-up
@@ -117,6 +110,49 @@ def main() -> None:
                 start = time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("files", nargs="+", type=Path, help=".onnx (onnxruntime) or .so (TVM) files")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--size", type=int, nargs=3, default=[3, 128, 128], metavar=("C", "H", "W"))
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--block", type=int, default=5, help="runs of one file before the next")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--kernels", type=int, default=0, help="list the N costliest TVM kernels")
+    p.add_argument(
+        "--separate",
+        type=int,
+        default=0,
+        metavar="R",
+        help="time each file in its own process, R times in turn (thread pools of runtimes "
+        "sharing a process slow one another down)",
+    )
+    p.add_argument("--times-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=str(RESULTS / "latency_pair"), help="results path stem")
+    args = p.parse_args()
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    bad = [f for f in args.files if f.suffix not in (".onnx", ".so") or not f.is_file()]
+    if bad:
+        p.error(f"{bad[0]}: give existing .onnx (onnxruntime) or .so (TVM library) files")
+    x = np.random.default_rng(0).random((args.batch, *args.size), dtype=np.float32)
+    if args.times_only:  # a child of --separate: one file, its times on stdout
+        print(json.dumps(measure(args.files, x, args)))
+        return
+    if args.separate:
+        times: dict[str, list[float]] = {str(f): [] for f in args.files}
+        child = [sys.executable, __file__, "--times-only", "--batch", str(args.batch),
+                 "--size", *map(str, args.size), "--block", str(args.block),
+                 "--threads", str(args.threads),
+                 "--rounds", str(max(1, args.rounds // args.separate))]  # fmt: skip
+        for _ in range(args.separate):
+            for f in args.files:
+                out = subprocess.run([*child, str(f)], capture_output=True, text=True, check=True)
+                times[str(f)] += json.loads(out.stdout.strip().splitlines()[-1])[str(f)]
+    else:
+        times = measure(args.files, x, args)
     rows = [
         {
             "file": k,
@@ -136,6 +172,7 @@ def main() -> None:
         "machine": {**machine(), "threads": args.threads},
         "command": command_line(),
         "batch": args.batch,
+        "separate_processes": args.separate,
         "rows": rows,
         "kernels": kernels,
     }
@@ -149,7 +186,12 @@ def main() -> None:
         "",
         f"Machine: {', '.join(f'{k} {v}' for k, v in result['machine'].items())}",
         "",
-        f"Batch {args.batch}, {args.rounds} rounds x {args.block} runs per file; ms.",
+        f"Batch {args.batch}, {args.rounds} rounds x {args.block} runs per file; ms; "
+        + (
+            f"each file in its own process, {args.separate} processes per file in turn."
+            if args.separate
+            else "all files in one process."
+        ),
         "",
         "| file | median | p10 | p90 | vs first (median) |",
         "|---|---|---|---|---|",
