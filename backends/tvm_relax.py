@@ -63,7 +63,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -849,7 +849,7 @@ def build_tvm(
     int8_tensor_cores: bool = False,
     tune_trials: int = 0,
     tuning_dir: str | Path | None = None,
-    tune_ops: tuple[str, ...] | None = ("conv2d", "matmul"),
+    tune_ops: Sequence[str] | None = ("conv2d", "matmul"),
     fast_exp: bool = True,
 ) -> Path:
     """Build ``gm`` (a hyq-fx fake-quant GraphModule) into a Relax VM shared library.
@@ -863,12 +863,12 @@ def build_tvm(
     Kernels use TVM's default (untuned) schedules unless ``tune_trials > 0`` (MetaSchedule on
     this CPU, ``llvm`` with a static batch only; see ``tvm_tuning``) or ``tuning_dir`` holds a
     database from an earlier tuning (default ``OUT/model.llvm.tuning`` beside ``out_path``,
-    reused when it exists). ``tune_ops`` picks the fused kernels to tune by op name (None: all,
-    the elementwise, softmax and layout kernels too). ``fast_exp`` lowers float32 ``exp``
-    (SiLU, sigmoid, softmax) on CPU targets to a vectorizable polynomial (``tvm_fast_exp``,
-    ≤ 1e-6 relative) instead of one libm call per element. Writes ``out_path`` and a ``.json``
-    beside it (target, input shape, op counts, build seconds, the model's preprocessing), each
-    through a temporary file renamed at the end.
+    reused when it exists). ``tune_ops`` picks the fused kernels to tune by op name (None or
+    ``["all"]``: all, the elementwise, softmax and layout kernels too). ``fast_exp`` lowers
+    float32 ``exp`` (SiLU, sigmoid, softmax) on CPU targets to a vectorizable polynomial
+    (``tvm_fast_exp``, ≤ 1e-6 relative) instead of one libm call per element. Writes
+    ``out_path`` and a ``.json`` beside it (target, input shape, op counts, build seconds, the
+    model's preprocessing), each through a temporary file renamed at the end.
     """
     import tvm
 
@@ -885,7 +885,7 @@ def build_tvm(
     out_path = Path(out_path)
     tuning = _tuning_options(name, out_path, dynamic_batch, tune_trials, tuning_dir)
     if tuning is not None:
-        tuning.ops = tuple(tune_ops) if tune_ops is not None else None
+        tuning.ops = None if tune_ops is None or list(tune_ops) == ["all"] else tuple(tune_ops)
         tvm_target = tuning_target(tvm_target)
     start = time.perf_counter()
     example_input = example_input.detach().float().cpu()

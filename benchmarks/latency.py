@@ -116,9 +116,14 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> tuple[dict[str, 
             # unless --tune-resume adds the trials to it
             trials = args.tune_trials if args.tune_resume or not has_database else 0
             start = time.perf_counter()
-            ops = None if args.tune_ops == ["all"] else tuple(args.tune_ops)
             build_tvm(
-                qgm, example[:1], "llvm", lib, dynamic_batch=False, tune_trials=trials, tune_ops=ops
+                qgm,
+                example[:1],
+                "llvm",
+                lib,
+                dynamic_batch=False,
+                tune_trials=trials,
+                tune_ops=args.tune_ops,
             )
             export_s["tvm_int8_tuned"] = time.perf_counter() - start
         runners["tvm_int8_tuned"] = TvmRunner(lib)

@@ -87,9 +87,8 @@ def tvm_kernels(path: Path, x: np.ndarray, runs: int, top: int) -> list[dict]:
         vm["main"](arg)
     total = sum(spent.values())
     rows = sorted(spent, key=spent.__getitem__, reverse=True)
-    every = {"kernel": "(all)", "ms": round(total / runs * 1e3, 3), "calls": sum(calls.values())}
-    every["calls"] //= runs
-    return [every] + [
+    every = {"kernel": "(all)", "ms": round(total / runs * 1e3, 3)}
+    return [{**every, "calls": sum(calls.values()) // runs}] + [
         {"kernel": k, "ms": round(spent[k] / runs * 1e3, 3), "calls": calls[k] // runs}
         for k in rows[:top]
     ]

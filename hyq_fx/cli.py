@@ -204,9 +204,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from .backends.tvm_relax import export_tvm
 
-        ops = None if args.tune_ops == ["all"] else tuple(args.tune_ops)
         path = export_tvm(
-            args.out, args.target, batch=args.batch, tune_trials=args.tune_trials, tune_ops=ops
+            args.out,
+            args.target,
+            batch=args.batch,
+            tune_trials=args.tune_trials,
+            tune_ops=args.tune_ops,
         )
     _print_json({"out": str(path), "bytes": path.stat().st_size, "to": args.to})
     return 0
