@@ -109,9 +109,14 @@ def _tune(mod: Any, target: Any, options: TuningOptions) -> None:
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
 
-    tasks = ms.relax_integration.extract_tasks(mod, target)
-    if options.ops:
-        tasks = [t for t in tasks if any(op in t.task_name for op in options.ops)]
+    every = ms.relax_integration.extract_tasks(mod, target)
+    tasks = [t for t in every if not options.ops or any(op in t.task_name for op in options.ops)]
+    if every and not tasks:
+        names = sorted({t.task_name for t in every})
+        raise ValueError(
+            f"tune ops {list(options.ops)} name none of the {len(every)} fused kernels (e.g. "
+            f"{', '.join(names[:3])}); use op names such as conv2d, matmul, softmax, or 'all'"
+        )
     # MetaSchedule visits tasks in order until the global budget is spent, so a database that
     # ran out before the last kernels would get the same first kernels again on every resume
     untuned = _without_records(tasks, target, options.work_dir)

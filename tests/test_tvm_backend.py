@@ -403,6 +403,9 @@ def test_metaschedule_tuning_writes_reuses_and_matches(tmp_path, monkeypatch):
     other = tmp_path / "fresh.llvm.so"
     path = tvm_relax.build_tvm(gm, x, FAST_LLVM, other, dynamic_batch=False, tune_trials=2)
     assert json.loads(path.with_suffix(".json").read_text())["tuning"]["kernels_from_database"] == 2
+    with pytest.raises(ValueError, match="name none of the"):  # a typo tunes nothing silently
+        tvm_relax.build_tvm(gm, x, FAST_LLVM, other, dynamic_batch=False, tune_trials=2,
+                            tune_ops=["conv2dd"])  # fmt: skip
     # a dynamic-batch build of the same library ignores it; asking to tune one is a clear error
     path = tvm_relax.build_tvm(gm, x, FAST_LLVM, lib)
     assert json.loads(path.with_suffix(".json").read_text())["tuning"] is None
