@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from hyq_fx.backends.tvm_tuning import TuningOptions, cpu_pipeline, tuning_target
+from hyq_fx.backends.tvm_vnni import UseVnniKernels, register_vnni_intrinsic, vnni_available
 from hyq_fx.lowering import lower_for_export
 from hyq_fx.quantizer import FakeQuantizer
 
@@ -851,6 +852,7 @@ def build_tvm(
     tuning_dir: str | Path | None = None,
     tune_ops: Sequence[str] | None = ("conv2d", "matmul"),
     fast_exp: bool = True,
+    vnni: bool = True,
 ) -> Path:
     """Build ``gm`` (a hyq-fx fake-quant GraphModule) into a Relax VM shared library.
 
@@ -866,7 +868,9 @@ def build_tvm(
     reused when it exists). ``tune_ops`` picks the fused kernels to tune by op name (None or
     ``["all"]``: all, the elementwise, softmax and layout kernels too). ``fast_exp`` lowers
     float32 ``exp`` (SiLU, sigmoid, softmax) on CPU targets to a vectorizable polynomial
-    (``tvm_fast_exp``, ≤ 1e-6 relative) instead of one libm call per element. Writes
+    (``tvm_fast_exp``, ≤ 1e-6 relative) instead of one libm call per element. ``vnni`` runs
+    the int8 conv2d / matmul with constant weights as AVX-512 VNNI dot products where the
+    target CPU has them (``tvm_vnni``; same int32 results). Writes
     ``out_path`` and a ``.json`` beside it (target, input shape, op counts, build seconds, the
     model's preprocessing), each through a temporary file renamed at the end.
     """
@@ -897,8 +901,13 @@ def build_tvm(
             lowered, report = lower_quantizers(gm)
     mod = import_relax(lowered.eval(), example_input, dynamic_batch=dynamic_batch)
     stats: dict[str, IntegerizeStats] = {}
+    vnni_counts: dict[str, int] = {}
     if integer:
         mod = IntegerizeQDQ(stats)(mod)
+        if vnni and vnni_available(tvm_target):
+            mod = UseVnniKernels(vnni_counts)(mod)
+            if tuning is not None:  # tuning and its records tensorize with the intrinsic
+                register_vnni_intrinsic()
     ops = count_ops(mod)
     if name == "cuda":
         pipeline = _cuda_pipeline(tvm_target, int8_tensor_cores)
@@ -918,6 +927,7 @@ def build_tvm(
             "integer": integer,
             "int8_tensor_cores": bool(int8_tensor_cores and name == "cuda"),
             "fast_exp": bool(fast_exp and name != "cuda"),
+            "vnni": vnni_counts or None,
             "dynamic_batch": dynamic_batch,
             "batch": None if dynamic_batch else int(example_input.shape[0]),
             "input_shape": list(example_input.shape[1:]),
@@ -1113,8 +1123,8 @@ def export_tvm(
 
     What ``hyq-fx export OUT --to tvm --target TARGET`` runs (TARGET: llvm, aarch64, cuda);
     ``options`` go to :func:`build_tvm` (``integer``, ``dynamic_batch``, ``mcpu``,
-    ``tune_trials``, ``tuning_dir``). ``batch`` (an option here) sets the example batch size;
-    with ``tune_trials`` the library is then built for that batch only.
+    ``tune_trials``, ``tuning_dir``, ``tune_ops``, ``vnni``). ``batch`` (an option here) sets
+    the example batch size; with ``tune_trials`` the library is then built for that batch only.
     """
     from hyq_fx.artifact import is_artifact, load
     from hyq_fx.quantize import META_KEY

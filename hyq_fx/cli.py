@@ -210,6 +210,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             batch=args.batch,
             tune_trials=args.tune_trials,
             tune_ops=args.tune_ops,
+            vnni=args.vnni,
         )
     _print_json({"out": str(path), "bytes": path.stat().st_size, "to": args.to})
     return 0
@@ -329,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=["conv2d", "matmul"],
         help="tvm: with --tune-trials, tune the fused kernels holding these ops ('all': every "
         "kernel, elementwise and softmax ones too); a rerun tunes kernels without a record first",
+    )
+    x.add_argument(
+        "--no-vnni",
+        dest="vnni",
+        action="store_false",
+        help="tvm llvm: keep int8 × int8 conv/matmul kernels on an AVX-512 VNNI CPU (default: "
+        "uint8 × int8 VNNI kernels, same results; a database tuned without them needs this)",
     )
     x.add_argument("--batch", type=int, default=1, help="tvm: batch size a tuned library runs")
     x.set_defaults(func=cmd_export)

@@ -1,0 +1,304 @@
+"""Int8 conv2d / matmul as AVX-512 VNNI dot products (``vpdpbusd``: uint8 × int8 → int32).
+
+After ``IntegerizeQDQ`` the int8 kernels are ``conv2d(x8, w8)`` and ``matmul(a8, b8)`` with
+int8 × int8 → int32. LLVM vectorizes those loops with 32-bit multiplies (``vpmulld``, 16
+multiply-adds per instruction), which is no faster than float32 FMA. One ``vpdpbusd`` does 64
+multiply-adds, but it takes an *unsigned* 8-bit operand and a 16 × 4 block of signed weights.
+This pass rewrites each such call with a constant weight so that MetaSchedule's VNNI rule can
+tensorize it::
+
+    Σ_k x8[k] · w8[k]  =  Σ_k (x8[k] + 128) · w8[k]  −  128 · Σ_k w8[k]
+
+    xu = x8 + 128 ∈ [0, 255]  (uint8; padding gets 128, the image of int8 0, so the identity
+                               holds at the borders too)
+    conv2d:  y[n, o, h, w] = Σ_{i,j,c} xu[n, h·s + i·d, w·s + j·d, c]
+                                         · Wp[o//16, i, j, c//4, o%16, c%4]
+                              − 128 · Σ_{c,i,j} w8[o, c, i, j]
+    matmul:  y[..., m, n]  = Σ_k au[..., m, k] · Bp[n//16, k//4, n%16, k%4] − 128 · Σ_k b8[k, n]
+
+The weights are packed at build time (``Wp`` / ``Bp``: the 16 output channels × 4 reduction
+elements of one instruction are 64 contiguous bytes; the reduction is zero-padded to a multiple
+of 4) and the activation is shifted and, for conv2d, moved channels-last inside the same
+kernel. The int32 result is exactly the one of the int8 × int8 kernel, so the requantizing
+epilogue is unchanged. Calls whose output channels are not a multiple of 16, grouped
+(depthwise) convolutions and matmuls of two activations are left as they are.
+
+TVM 0.27's own VNNI tensor intrinsic (``dot_16x4_vnni``) declares ``vpdpbusd`` with int32
+vector operands, which the LLVM it ships rejects ("Call parameter type does not match
+function signature"), so every tensorized candidate failed to build and MetaSchedule fell back
+to the ``vpmulld`` loops. ``register_vnni_intrinsic`` registers the same description with
+byte-vector operands under that name.
+
+Source: Intel AVX-512 VNNI (``VPDPBUSD``); the packed layout follows TVM's x86 ``dense_vnni`` /
+``conv2d_NCHWc_int8`` schedules. Invariant checked by ``tests/test_tvm_backend.py``: a library
+built with the rewrite holds ``vpdpbusd`` and gives the same logits as the build without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["UseVnniKernels", "register_vnni_intrinsic", "vnni_available"]
+
+_LANES, _DEPTH = 16, 4  # one vpdpbusd: 16 int32 outputs, each a 4-element u8 · s8 dot product
+_SHIFT = 128  # int8 → uint8
+_OUT_ELEMWISE_FUSABLE = 4  # relay/relax OpPatternKind::kOutEWiseFusable
+
+
+def vnni_available(target: Any) -> bool:
+    """True for an llvm target whose CPU has AVX-512 VNNI (``vpdpbusd``)."""
+    from tvm.target import codegen
+
+    if target.kind.name != "llvm":
+        return False
+    try:
+        return bool(codegen.target_has_features("avx512vnni", target))
+    except Exception:  # a target LLVM cannot describe (e.g. another triple): no VNNI
+        return False
+
+
+def register_vnni_intrinsic() -> None:
+    """Register ``dot_16x4_vnni`` with the ``vpdpbusd`` signature of TVM's bundled LLVM.
+
+    Imports TVM's tensor intrinsics first (MetaSchedule does too; ~1 minute on 2 cores), so
+    that their registration of the stock version comes before ours and not after it.
+    """
+    import tvm.s_tir.tensor_intrin  # noqa: F401 (registers TVM's intrinsics)
+    from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def vpdpbusd_16x4(
+        A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
+        B: T.Buffer((16, 4), "int8", offset_factor=1),  # noqa: N803
+        C: T.Buffer((16,), "int32", offset_factor=1),  # noqa: N803
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a_u32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(a_u32, 16), dtype="uint8x64"),
+                B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16",
+            )
+
+    TensorIntrin.register("dot_16x4_vnni", dot_product_16x4_u8i8i32_desc, vpdpbusd_16x4, True)
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pack_conv_weight(w: np.ndarray) -> np.ndarray:
+    """OIHW int8 → ``[O/16, KH, KW, ⌈C/4⌉, 16, 4]`` (reduction zero-padded)."""
+    o, c, kh, kw = w.shape
+    cp = _ceil_to(c, _DEPTH)
+    w = np.pad(w, [(0, 0), (0, cp - c), (0, 0), (0, 0)])
+    w = w.reshape(o // _LANES, _LANES, cp // _DEPTH, _DEPTH, kh, kw)
+    return np.ascontiguousarray(w.transpose(0, 4, 5, 2, 1, 3))
+
+
+def _pack_matmul_weight(b: np.ndarray) -> np.ndarray:
+    """``[K, N]`` int8 → ``[N/16, ⌈K/4⌉, 16, 4]`` (reduction zero-padded)."""
+    k, n = b.shape
+    kp = _ceil_to(k, _DEPTH)
+    b = np.pad(b, [(0, kp - k), (0, 0)]).reshape(kp // _DEPTH, _DEPTH, n // _LANES, _LANES)
+    return np.ascontiguousarray(b.transpose(2, 0, 3, 1))
+
+
+def _shifted(value: Any) -> Any:
+    from tvm import tirx
+
+    return (
+        (value.astype("int32") + _SHIFT).astype("uint8")
+        if value is not None
+        else tirx.const(_SHIFT, "uint8")
+    )
+
+
+# the activation stage stays a loop nest of its own: inlined into the dot product it would
+# hide the 4 contiguous bytes the intrinsic loads
+_OWN_STAGE = {"meta_schedule.inline_rule": "disable"}
+
+
+def _conv2d_te(x: Any, wp: Any, strides: tuple, padding: tuple, dilation: tuple) -> Any:
+    """NCHW int8 input, packed weight → NCHW int32 (see the module docstring)."""
+    from tvm import te, tirx
+
+    n, (c, h, w) = x.shape[0], (int(d) for d in x.shape[1:])  # the batch may be symbolic
+    og, kh, kw, cq = (int(d) for d in wp.shape[:4])
+    top, left, bottom, right = padding
+    hp, wpad, cp = h + top + bottom, w + left + right, cq * _DEPTH
+
+    def pack(b: Any, i: Any, j: Any, ch: Any) -> Any:
+        inside = tirx.all(i >= top, i < h + top, j >= left, j < w + left, ch < c)
+        src = x[b, tirx.min(ch, c - 1), i - top, j - left]
+        return tirx.if_then_else(inside, _shifted(src), _shifted(None))
+
+    xu = te.compute((n, hp, wpad, cp), pack, name="vnni_activation", attrs=_OWN_STAGE)
+    (sh, sw), (dh, dw) = strides, dilation
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wpad - dw * (kw - 1) - 1) // sw + 1
+    ri, rj, rc = (
+        te.reduce_axis((0, kh), "ri"),
+        te.reduce_axis((0, kw), "rj"),
+        te.reduce_axis((0, cp), "rc"),
+    )
+    acc = te.compute(
+        (n, oh, ow, og * _LANES),
+        lambda b, i, j, o: te.sum(
+            xu[b, i * sh + ri * dh, j * sw + rj * dw, rc].astype("int32")
+            * wp[o // _LANES, ri, rj, rc // _DEPTH, o % _LANES, rc % _DEPTH].astype("int32"),
+            axis=[ri, rj, rc],
+        ),
+        name="vnni_conv2d",
+    )  # channels last: one vpdpbusd writes 16 neighbouring output channels
+    return te.compute((n, og * _LANES, oh, ow), lambda b, o, i, j: acc[b, i, j, o], name="nchw")
+
+
+def _matmul_te(a: Any, bp: Any) -> Any:
+    """``[..., M, K]`` int8 activation, packed weight → ``[..., M, N]`` int32."""
+    from tvm import te, tirx
+
+    shape = list(a.shape)  # leading dims may be symbolic, the reduction is static
+    k = int(shape[-1])
+    kp = int(bp.shape[1]) * _DEPTH
+
+    def pack(*idx: Any) -> Any:
+        *lead, kk = idx
+        src = a[(*lead, tirx.min(kk, k - 1))]
+        return tirx.if_then_else(kk < k, _shifted(src), _shifted(None))
+
+    au = te.compute((*shape[:-1], kp), pack, name="vnni_activation", attrs=_OWN_STAGE)
+    rk = te.reduce_axis((0, kp), "rk")
+    return te.compute(
+        (*shape[:-1], int(bp.shape[0]) * _LANES),
+        lambda *idx: te.sum(
+            au[(*idx[:-1], rk)].astype("int32")
+            * bp[idx[-1] // _LANES, rk // _DEPTH, idx[-1] % _LANES, rk % _DEPTH].astype("int32"),
+            axis=rk,
+        ),
+        name="vnni_matmul",
+    )
+
+
+def _dims(expr: Any) -> list[int | None] | None:
+    """The dims of a tensor (None where symbolic), or None without a known rank."""
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None:
+        return None
+    return [int(d.value) if hasattr(d, "value") else None for d in shape]
+
+
+def _static_except_batch(expr: Any, ndim: int) -> bool:
+    dims = _dims(expr)
+    return dims is not None and len(dims) == ndim and None not in dims[1:]
+
+
+def _is_int8(expr: Any) -> bool:
+    return str(getattr(expr.ty, "dtype", "")) == "int8"
+
+
+def UseVnniKernels(counts: dict[str, int] | None = None) -> Any:  # noqa: N802
+    """The Relax module pass: int8 conv2d / matmul with constant weights → VNNI kernels.
+
+    ``counts`` (if given) receives how many conv2d and matmul calls were rewritten.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    conv_pattern = is_op("relax.nn.conv2d")(wildcard(), is_const())
+    matmul_pattern = is_op("relax.matmul")(wildcard(), is_const())
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def __init__(self, mod: Any) -> None:
+            super().__init__(mod)
+            self.done = {"conv2d": 0, "matmul": 0}
+
+        def visit_call_(self, call: Any) -> Any:  # noqa: N802 (the mutator's hook)
+            call = super().visit_call_(call)
+            new = None
+            if conv_pattern.match(call):
+                new = self._conv2d(call)
+            elif matmul_pattern.match(call):
+                new = self._matmul(call)
+            return call if new is None else new
+
+        def _fusable(self, call_tir: Any) -> None:
+            """Let FuseOps fuse the elementwise epilogue into the kernel, as for a conv2d.
+
+            TVM's pattern analysis gives up on a multi-stage kernel; the last stage of ours
+            is the output itself (conv2d: a transpose of it), so appending elementwise stages
+            is sound.
+            """
+            gv = call_tir.args[0]
+            func = self.builder_.get()[gv]
+            self.builder_.update_func(gv, func.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE))
+
+        def _conv2d(self, call: Any) -> Any:
+            x, w = call.args
+            attrs = call.attrs
+            layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
+            weight = w.value.numpy()
+            if (
+                layouts != ("NCHW", "OIHW", "NCHW")
+                or int(attrs.groups) != 1
+                or str(attrs.out_dtype) != "int32"
+                or not (_is_int8(x) and weight.dtype == np.int8)
+                or weight.shape[0] % _LANES
+                or not _static_except_batch(x, ndim=4)
+            ):
+                return None
+            packed = relax.const(_pack_conv_weight(weight))
+            acc = self.builder_.call_te(
+                _conv2d_te, x, packed,
+                tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
+                tuple(int(d) for d in attrs.dilation), primfunc_name_hint="vnni_conv2d",
+            )  # fmt: skip
+            self._fusable(acc)
+            wsum = weight.astype(np.int64).sum(axis=(1, 2, 3)).reshape(1, -1, 1, 1)
+            self.done["conv2d"] += 1
+            return relax.op.subtract(acc, relax.const((_SHIFT * wsum).astype(np.int32)))
+
+        def _matmul(self, call: Any) -> Any:
+            a, b = call.args
+            weight = b.value.numpy()
+            shape = _dims(a)
+            if (
+                weight.ndim != 2
+                or weight.dtype != np.int8
+                or not _is_int8(a)
+                or str(call.attrs.out_dtype) != "int32"
+                or weight.shape[1] % _LANES
+                or shape is None
+                or len(shape) < 2
+                or shape[-1] != weight.shape[0]
+            ):
+                return None
+            packed = relax.const(_pack_matmul_weight(weight))
+            acc = self.builder_.call_te(_matmul_te, a, packed, primfunc_name_hint="vnni_matmul")
+            self._fusable(acc)
+            wsum = weight.astype(np.int64).sum(axis=0)
+            self.done["matmul"] += 1
+            return relax.op.subtract(acc, relax.const((_SHIFT * wsum).astype(np.int32)))
+
+    @tvm.transform.module_pass(opt_level=0, name="hyq.UseVnniKernels")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        mod = relax.transform.FoldConstant()(mod)  # permuted weight constants become constants
+        rewriter = _Rewriter(mod)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        if counts is not None:
+            for key, n in rewriter.done.items():
+                counts[key] = counts.get(key, 0) + n
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+    return _pass

@@ -1,0 +1,125 @@
+"""AVX-512 VNNI int8 kernels (``hyq_fx.backends.tvm_vnni``).
+
+* ``UseVnniKernels`` is exact: the rewritten conv2d / matmul give the same int32 results as the
+  int8 × int8 kernels (padding, stride, dilation, 3 input channels, a reduction that is not a
+  multiple of 4, a symbolic batch), and it leaves alone what it cannot pack (grouped conv,
+  output channels not a multiple of 16, a matmul of two activations);
+* the registered ``dot_16x4_vnni`` intrinsic builds (TVM 0.27's own does not, with its LLVM) and
+  emits ``vpdpbusd``; on a CPU with VNNI the tensorized kernel matches numpy;
+* ``build_tvm`` applies it for a VNNI CPU only, and the library still matches the fake-quant
+  model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hyq_fx
+
+tvm = pytest.importorskip("tvm")
+tvm_vnni = pytest.importorskip("hyq_fx.backends.tvm_vnni")
+tvm_relax = pytest.importorskip("hyq_fx.backends.tvm_relax")
+
+GENERIC = {"kind": "llvm", "opt-level": 0}
+VNNI_CPU = {"kind": "llvm", "mcpu": "cascadelake", "opt-level": 0}  # AVX-512 VNNI
+
+
+def _host_has_vnni() -> bool:
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    return tvm_vnni.vnni_available(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
+
+
+def _int8(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.integers(-128, 128, shape).astype("int8")
+
+
+def test_rewrite_is_exact_and_leaves_what_it_cannot_pack():
+    from tvm import relax, tirx
+
+    rng = np.random.default_rng(0)
+    conv = relax.op.nn.conv2d
+    n = tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType((n, 3, 11, 11), "int8"))
+    h = relax.Var("h", relax.TensorType((n, 16, 6, 6), "int8"))
+    t = relax.Var("t", relax.TensorType((n, 5, 30), "int8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, h, t]):
+        with bb.dataflow():
+            c = relax.const
+            outs = [
+                conv(x, c(_int8(rng, 16, 3, 3, 3)), strides=2, padding=1, out_dtype="int32"),
+                conv(h, c(_int8(rng, 32, 16, 1, 1)), out_dtype="int32"),
+                conv(h, c(_int8(rng, 16, 16, 3, 3)), padding=2, dilation=2, out_dtype="int32"),
+                relax.op.matmul(t, c(_int8(rng, 30, 32)), out_dtype="int32"),  # K = 30
+                # left alone: depthwise, 8 output channels, two activations
+                conv(h, c(_int8(rng, 16, 1, 3, 3)), padding=1, groups=16, out_dtype="int32"),
+                conv(h, c(_int8(rng, 8, 16, 1, 1)), out_dtype="int32"),
+                relax.op.matmul(t, relax.op.permute_dims(t, [0, 2, 1]), out_dtype="int32"),
+            ]
+            out = bb.emit_output(relax.Tuple([bb.emit(o) for o in outs]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    counts: dict[str, int] = {}
+    packed = tvm_vnni.UseVnniKernels(counts)(mod)
+    assert counts == {"conv2d": 3, "matmul": 1}
+    assert packed.script().count("R.nn.conv2d(") == 2 and packed.script().count("R.matmul(") == 1
+    args = [_int8(rng, 2, 3, 11, 11), _int8(rng, 2, 16, 6, 6), _int8(rng, 2, 5, 30)]
+    results = []
+    for m in (mod, packed):
+        vm = relax.VirtualMachine(tvm.compile(m, tvm.target.Target(GENERIC)), tvm.cpu())
+        results.append([o.numpy() for o in vm["main"](*[tvm.runtime.tensor(a) for a in args])])
+    for ref, got in zip(*results, strict=True):
+        assert ref.dtype == got.dtype == np.int32 and np.array_equal(ref, got)
+
+
+def test_vnni_intrinsic_builds_vpdpbusd_and_matches():
+    from tvm import s_tir, te
+
+    tvm_vnni.register_vnni_intrinsic()
+    rng = np.random.default_rng(1)
+    a_np, b_np = _int8(rng, 8, 64), _int8(rng, 64, 32)
+    a = te.placeholder((8, 64), "int8", name="a")
+    bp = te.placeholder((2, 16, 16, 4), "int8", name="bp")
+    out = tvm_vnni._matmul_te(a, bp)
+    sch = s_tir.Schedule(te.create_prim_func([a, bp, out]))
+    block = sch.get_sblock("vnni_matmul")
+    m, j, k = sch.get_loops(block)
+    jo, ji = sch.split(j, [None, 16])
+    ko, ki = sch.split(k, [None, 4])
+    sch.reorder(m, jo, ko, ji, ki)
+    sch.decompose_reduction(block, ko)
+    sch.tensorize(ji, "dot_16x4_vnni")
+    lib = tvm.compile(sch.mod, tvm.target.Target(VNNI_CPU))
+    assert "vpdpbusd" in lib.mod.inspect_source("asm")
+    if not _host_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI: the kernel is built, not run")
+    args = [a_np, tvm_vnni._pack_matmul_weight(b_np), np.zeros((8, 32), "int32")]
+    tensors = [tvm.runtime.tensor(v) for v in args]
+    lib["main"](*tensors)
+    # the kernel computes Σ (a + 128)·b; the pass subtracts 128·Σb after it
+    ref = a_np.astype(np.int64) @ b_np.astype(np.int64) + 128 * b_np.astype(np.int64).sum(0)
+    assert np.array_equal(tensors[2].numpy(), ref)
+
+
+def test_build_tvm_uses_vnni_only_on_a_vnni_cpu(tmp_path):
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.SiLU(), nn.Conv2d(16, 32, 1), nn.SiLU(),
+        nn.Flatten(), nn.Linear(32 * 16, 16),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    gm = hyq_fx.quantize(model.eval(), x, "minmax", progress=False)
+    for target, expected in ((GENERIC, None), (VNNI_CPU, {"conv2d": 2, "matmul": 1})):
+        path = tvm_relax.build_tvm(gm, x, target, tmp_path / "m.so")
+        meta = json.loads(path.with_suffix(".json").read_text())
+        assert meta["vnni"] == expected
+        assert meta["integer_conv2d"] == 2 and meta["integer_matmul"] == 1
+        if expected and not _host_has_vnni():
+            continue  # built for a VNNI CPU; this one cannot run it
+        with torch.no_grad():
+            torch.testing.assert_close(tvm_relax.TvmRunner(path)(x), gm(x), atol=1e-4, rtol=0)
