@@ -25,13 +25,16 @@ epilogue is unchanged. Calls whose output channels are not a multiple of 16, gro
 
 TVM 0.27's own VNNI tensor intrinsic (``dot_16x4_vnni``) declares ``vpdpbusd`` with int32
 vector operands, which the LLVM it ships rejects ("Call parameter type does not match
-function signature"), so every tensorized candidate failed to build and MetaSchedule fell back
-to the ``vpmulld`` loops. ``register_vnni_intrinsic`` registers the same description with
-byte-vector operands under that name.
+function signature"), so no tensorized candidate could build. ``register_vnni_intrinsic``
+registers the same description with byte-vector operands under that name. About half of the
+tensorized candidates still fail to build: where MetaSchedule vectorizes the loop around the
+intrinsic, TVM's vectorizer stops ("Cannot broadcast lanes=32 ... to 128"). Those trials are
+lost, not wrong; budget about twice the trials per kernel.
 
 Source: Intel AVX-512 VNNI (``VPDPBUSD``); the packed layout follows TVM's x86 ``dense_vnni`` /
-``conv2d_NCHWc_int8`` schedules. Invariant checked by ``tests/test_tvm_backend.py``: a library
-built with the rewrite holds ``vpdpbusd`` and gives the same logits as the build without it.
+``conv2d_NCHWc_int8`` schedules. Invariants checked by ``tests/test_tvm_vnni.py``: the rewrite
+gives the same int32 results as the int8 × int8 kernels; the registered intrinsic builds to
+``vpdpbusd`` and matches numpy; a ``build_tvm`` library with it matches the fake-quant model.
 """
 
 from __future__ import annotations
