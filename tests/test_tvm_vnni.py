@@ -7,7 +7,9 @@
 * the registered ``dot_16x4_vnni`` intrinsic builds (TVM 0.27's own does not, with its LLVM) and
   emits ``vpdpbusd``; on a CPU with VNNI the tensorized kernel matches numpy;
 * ``build_tvm`` applies it for a VNNI CPU only, and the library still matches the fake-quant
-  model.
+  model;
+* on a VNNI CPU, a MetaSchedule-tuned VNNI library rebuilds from its database (the records
+  replay the tensorize step by the intrinsic's name) and matches the fake-quant model.
 """
 
 from __future__ import annotations
@@ -123,3 +125,25 @@ def test_build_tvm_uses_vnni_only_on_a_vnni_cpu(tmp_path):
             continue  # built for a VNNI CPU; this one cannot run it
         with torch.no_grad():
             torch.testing.assert_close(tvm_relax.TvmRunner(path)(x), gm(x), atol=1e-4, rtol=0)
+
+
+def test_tuned_vnni_library_reuses_its_database_and_matches(tmp_path):
+    # MetaSchedule times candidates on this CPU, so the VNNI kernels must run here
+    if not _host_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    model = nn.Sequential(nn.Conv2d(16, 32, 1), nn.SiLU(), nn.Conv2d(32, 16, 3, padding=1))
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    gm = hyq_fx.quantize(model.eval(), x, "minmax", progress=False)
+    lib = tmp_path / "m.llvm.so"
+    target = {**VNNI_CPU, "num-cores": 2}
+    tvm_relax.build_tvm(gm, x, target, lib, dynamic_batch=False, tune_trials=4, tune_ops=["vnni"])
+    tuned = json.loads(lib.with_suffix(".json").read_text())
+    assert tuned["vnni"] == {"conv2d": 2, "matmul": 0}
+    assert tuned["tuning"]["tasks"] == 2 and tuned["tuning"]["records"] >= 1
+    # the records replay the tensorize step by the intrinsic's name: a rebuild applies them
+    tvm_relax.build_tvm(gm, x, target, lib, dynamic_batch=False)
+    again = json.loads(lib.with_suffix(".json").read_text())["tuning"]
+    assert again["kernels_from_database"] == tuned["tuning"]["kernels_from_database"] >= 1
+    with torch.no_grad():
+        torch.testing.assert_close(tvm_relax.TvmRunner(lib)(x), gm(x), atol=1e-4, rtol=0)
