@@ -74,7 +74,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from hyq_fx.backends.tvm_tuning import TuningOptions, cpu_pipeline, tuning_target
-from hyq_fx.backends.tvm_vnni import UseVnniKernels, register_vnni_intrinsic, vnni_available
+from hyq_fx.backends.tvm_vnni import (
+    UseVnniKernels,
+    register_vnni_intrinsic,
+    tensor_dims,
+    vnni_available,
+)
 from hyq_fx.lowering import lower_for_export
 from hyq_fx.quantizer import FakeQuantizer
 
@@ -401,10 +406,6 @@ def _const_numpy(expr: Any) -> np.ndarray | None:
     return value.numpy() if hasattr(value, "numpy") else None
 
 
-def _static_dims(expr: Any) -> list[int | None]:
-    return [int(d) if hasattr(d, "value") else None for d in expr.ty.shape]
-
-
 class _DQPattern:
     """``multiply(subtract(astype(q), z), s)``, optionally under ``permute_dims``."""
 
@@ -572,7 +573,7 @@ def _rewrite_depthwise_per_channel(
 
     attrs = orig.attrs
     groups = int(attrs.groups)
-    _n, c_in, h, wd = _static_dims(x.q)
+    _n, c_in, h, wd = tensor_dims(x.q)
     codes = w.codes
     why = None
     if codes is None:
@@ -617,7 +618,7 @@ def _rewrite_matmul(orig: Any, a: _Operand, b: _Operand, stats: IntegerizeStats)
     from tvm import relax
 
     za, zb = _scalar_int(a.zero), _scalar_int(b.zero)
-    k = _static_dims(a.q)[-1] if a.ndim >= 2 else None
+    k = tensor_dims(a.q)[-1] if a.ndim >= 2 else None
     why = None
     if a.ndim < 2 or b.ndim < 2:
         why = "a 1-D operand"

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["UseVnniKernels", "register_vnni_intrinsic", "vnni_available"]
+__all__ = ["UseVnniKernels", "register_vnni_intrinsic", "tensor_dims", "vnni_available"]
 
 _LANES, _DEPTH = 16, 4  # one vpdpbusd: 16 int32 outputs, each a 4-element u8 · s8 dot product
 _SHIFT = 128  # int8 → uint8
@@ -115,13 +115,8 @@ def _pack_matmul_weight(b: np.ndarray) -> np.ndarray:
 
 
 def _shifted(value: Any) -> Any:
-    from tvm import tirx
-
-    return (
-        (value.astype("int32") + _SHIFT).astype("uint8")
-        if value is not None
-        else tirx.const(_SHIFT, "uint8")
-    )
+    """An int8 code as uint8: ``value + 128``."""
+    return (value.astype("int32") + _SHIFT).astype("uint8")
 
 
 # the activation stage stays a loop nest of its own: inlined into the dot product it would
@@ -141,7 +136,7 @@ def _conv2d_te(x: Any, wp: Any, strides: tuple, padding: tuple, dilation: tuple)
     def pack(b: Any, i: Any, j: Any, ch: Any) -> Any:
         inside = tirx.all(i >= top, i < h + top, j >= left, j < w + left, ch < c)
         src = x[b, tirx.min(ch, c - 1), i - top, j - left]
-        return tirx.if_then_else(inside, _shifted(src), _shifted(None))
+        return tirx.if_then_else(inside, _shifted(src), tirx.const(_SHIFT, "uint8"))
 
     xu = te.compute((n, hp, wpad, cp), pack, name="vnni_activation", attrs=_OWN_STAGE)
     (sh, sw), (dh, dw) = strides, dilation
@@ -176,7 +171,7 @@ def _matmul_te(a: Any, bp: Any) -> Any:
     def pack(*idx: Any) -> Any:
         *lead, kk = idx
         src = a[(*lead, tirx.min(kk, k - 1))]
-        return tirx.if_then_else(kk < k, _shifted(src), _shifted(None))
+        return tirx.if_then_else(kk < k, _shifted(src), tirx.const(_SHIFT, "uint8"))
 
     au = te.compute((*shape[:-1], kp), pack, name="vnni_activation", attrs=_OWN_STAGE)
     rk = te.reduce_axis((0, kp), "rk")
@@ -191,7 +186,7 @@ def _matmul_te(a: Any, bp: Any) -> Any:
     )
 
 
-def _dims(expr: Any) -> list[int | None] | None:
+def tensor_dims(expr: Any) -> list[int | None] | None:
     """The dims of a tensor (None where symbolic), or None without a known rank."""
     shape = getattr(expr.ty, "shape", None)
     if shape is None:
@@ -200,7 +195,7 @@ def _dims(expr: Any) -> list[int | None] | None:
 
 
 def _static_except_batch(expr: Any, ndim: int) -> bool:
-    dims = _dims(expr)
+    dims = tensor_dims(expr)
     return dims is not None and len(dims) == ndim and None not in dims[1:]
 
 
@@ -262,7 +257,7 @@ def UseVnniKernels(counts: dict[str, int] | None = None) -> Any:  # noqa: N802
         def _matmul(self, call: Any) -> Any:
             a, b = call.args
             weight = b.value.numpy()
-            shape = _dims(a)
+            shape = tensor_dims(a)
             if (
                 weight.ndim != 2
                 or weight.dtype != np.int8
