@@ -26,18 +26,45 @@ class RecipeError(ValueError):
     """A recipe that cannot be used: unknown name, malformed JSON, bad pass entry."""
 
 
+# ``when`` keys of a pass entry: the step runs only at the bit widths they allow
+WHEN_KEYS = ("min_w_bits", "max_w_bits", "min_a_bits", "max_a_bits")
+
+
 @dataclass(frozen=True)
 class PassStep:
     name: str
     args: dict[str, Any] = field(default_factory=dict)
+    when: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         # a copy: callers may edit the dict without changing the registered recipe
-        return (
-            {"pass": self.name, "args": copy.deepcopy(self.args)}
-            if self.args
-            else {"pass": self.name}
-        )
+        out: dict[str, Any] = {"pass": self.name}
+        if self.args:
+            out["args"] = copy.deepcopy(self.args)
+        if self.when:
+            out["when"] = dict(self.when)
+        return out
+
+    def applies(self, w_bits: int, a_bits: int) -> bool:
+        """Whether the step runs for these bit widths (its ``when`` bounds are inclusive)."""
+        bits = {"w": w_bits, "a": a_bits}
+        for key, bound in self.when.items():
+            side, kind = key.split("_")[0], key.split("_")[1]
+            if (side == "min" and bits[kind] < bound) or (side == "max" and bits[kind] > bound):
+                return False
+        return True
+
+
+def _parse_when(when: Any, here: str) -> dict[str, int]:
+    if not isinstance(when, dict):
+        raise RecipeError(f"{here}: 'when' must be an object such as {{\"max_a_bits\": 6}}")
+    bad = sorted(set(when) - set(WHEN_KEYS))
+    if bad:
+        raise RecipeError(f"{here}: unknown 'when' key(s) {bad}; use some of {list(WHEN_KEYS)}")
+    for key, value in when.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16:
+            raise RecipeError(f"{here}: when.{key} must be a bit width in [2, 16], got {value!r}")
+    return dict(when)
 
 
 @dataclass(frozen=True)
@@ -75,9 +102,9 @@ class Recipe:
             here = f"{where}: passes[{i}]"
             if not isinstance(entry, dict) or "pass" not in entry:
                 raise RecipeError(f"{here} must be an object with a 'pass' key, got {entry!r}")
-            extra = sorted(set(entry) - {"pass", "args"})
+            extra = sorted(set(entry) - {"pass", "args", "when"})
             if extra:
-                raise RecipeError(f"{here}: unknown key(s) {extra}; use 'pass' and 'args'")
+                raise RecipeError(f"{here}: unknown key(s) {extra}; use 'pass', 'args' and 'when'")
             args = entry.get("args", {})
             if not isinstance(args, dict):
                 raise RecipeError(f"{here}: 'args' must be an object, got {args!r}")
@@ -97,25 +124,31 @@ class Recipe:
                     f"{here}: pass {entry['pass']!r} has no option(s) {bad}; its options are "
                     f"{sorted(allowed) or 'none'}"
                 )
-            steps.append(PassStep(entry["pass"], args))
+            when = _parse_when(entry.get("when", {}), here)
+            steps.append(PassStep(entry["pass"], args, when))
         return cls(str(data["name"]), str(data.get("description", "")), tuple(steps))
 
     def build(self, ctx: QuantContext) -> list[HyqPass]:
         """The recipe's passes, constructed (their options are validated here, before any work).
 
         A bad option value raises :class:`RecipeError` naming the recipe, the entry
-        ``passes[i]`` and the pass.
+        ``passes[i]`` and the pass. A step whose ``when`` excludes ``ctx``'s bit widths is
+        left out (and ``ctx.log`` says so).
         """
         built = []
         for i, step in enumerate(self.passes):
-            try:
-                built.append(build_pass(step.name, step.args, ctx))
+            try:  # built even when skipped, so that a bad option fails at every bit width
+                built_pass = build_pass(step.name, step.args, ctx)
             except (PassError, ValueError, TypeError, KeyError) as exc:
                 reason = str(exc).removeprefix(f"{step.name}: ")
                 raise RecipeError(
                     f"recipe {self.name!r}: passes[{i}] ({step.name}): {reason}; fix the "
                     "'args' of that entry"
                 ) from exc
+            if step.applies(ctx.w_bits, ctx.a_bits):
+                built.append(built_pass)
+            else:
+                ctx.log.append({"pass": step.name, "skipped": f"when {step.when}"})
         return built
 
 

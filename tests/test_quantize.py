@@ -103,6 +103,39 @@ def test_recipe_from_a_json_file(tiny, tmp_path):
     assert ops and all("linear" in op for op in ops)
 
 
+def test_a_step_runs_only_at_the_bit_widths_its_when_allows(tiny):
+    from hyq_fx.pass_base import QuantContext
+
+    data = {
+        "name": "when",
+        "passes": [
+            {"pass": "insert_quantizers"},
+            {"pass": "calibrate"},
+            {"pass": "round_weights_gptq", "when": {"max_a_bits": 6, "min_w_bits": 4}},
+        ],
+    }
+    recipe = Recipe.from_dict(data)
+    assert Recipe.from_dict(json.loads(recipe.to_json())) == recipe
+    for w_bits, a_bits, runs in ((8, 8, False), (8, 6, True), (4, 4, True), (3, 4, False)):
+        ctx = QuantContext(_calib(), w_bits=w_bits, a_bits=a_bits, progress=False)
+        names = [p.name for p in recipe.build(ctx)]
+        assert ("round_weights_gptq" in names) == runs, (w_bits, a_bits)
+        assert any(e.get("skipped") for e in ctx.log) == (not runs)
+    for when, match in (
+        ({"max_abits": 6}, r"unknown 'when' key\(s\) \['max_abits'\]"),
+        ({"max_a_bits": 1}, "when.max_a_bits must be a bit width"),
+        ([6], "'when' must be an object"),
+    ):
+        bad = {"name": "x", "passes": [{"pass": "calibrate", "when": when}]}
+        with pytest.raises(RecipeError, match=match):
+            Recipe.from_dict(bad)
+    # a skipped step's options are still checked
+    bad = {"name": "x", "passes": [{"pass": "round_weights_gptq", "args": {"damp": 5.0},
+                                    "when": {"max_a_bits": 2}}]}  # fmt: skip
+    with pytest.raises(RecipeError, match="damp"):
+        Recipe.from_dict(bad).build(QuantContext(_calib(), progress=False))
+
+
 def test_bad_inputs_get_clear_errors(tiny, tmp_path):
     with pytest.raises(RecipeError, match="unknown recipe 'minmaxx'"):
         hyq_fx.quantize(tiny, _calib(), "minmaxx")
