@@ -174,3 +174,18 @@ def test_capture_error_names_the_module():
 
     with pytest.raises(hyq_fx.CaptureError, match=r"inside module 'body.1' \(ValueBranch\)"):
         hyq_fx.capture(Outer(), torch.randn(2, 3))
+
+
+def test_the_default_recipe_rounds_weights_once_at_every_bit_width():
+    from hyq_fx.pass_base import QuantContext
+
+    recipe = get_recipe("hyq-fx")
+    for w_bits in range(2, 9):
+        for a_bits in range(2, 9):
+            ctx = QuantContext(_calib(), w_bits=w_bits, a_bits=a_bits, progress=False)
+            built = recipe.build(ctx)
+            gptq = [p for p in built if p.name == "round_weights_gptq"]
+            assert len(gptq) == 1, (w_bits, a_bits)
+            # compensated below W8A8, the plain path (with bias correction) at W8A8 and up
+            assert gptq[0].compensate == (min(w_bits, a_bits) <= 6), (w_bits, a_bits)
+            assert any(p.name == "correct_bias" for p in built) == (not gptq[0].compensate)
