@@ -49,7 +49,7 @@ class PassStep:
         """Whether the step runs for these bit widths (its ``when`` bounds are inclusive)."""
         bits = {"w": w_bits, "a": a_bits}
         for key, bound in self.when.items():
-            side, kind = key.split("_")[0], key.split("_")[1]
+            side, kind = key.split("_")[:2]  # e.g. "max_a_bits" -> ("max", "a")
             if (side == "min" and bits[kind] < bound) or (side == "max" and bits[kind] > bound):
                 return False
         return True

@@ -423,12 +423,7 @@ class _Stepper:
 
     def __init__(self, gm: fx.GraphModule, batches: list[torch.Tensor]) -> None:
         self.nodes = [n for n in gm.graph.nodes if n.op != "output"]
-        index = {n: i for i, n in enumerate(self.nodes)}
-        self.last_use: dict[fx.Node, int] = {}
-        for i, node in enumerate(self.nodes):
-            for arg in node.all_input_nodes:
-                self.last_use[arg] = max(self.last_use.get(arg, -1), i)
-        self.index = index
+        self.index = {n: i for i, n in enumerate(self.nodes)}
         self.interpreters = []
         for batch in batches:
             interp = fx.Interpreter(gm)
@@ -446,8 +441,7 @@ class _Stepper:
                 if node in self.weights:
                     interp.env[node.args[1]] = self.weights[node]
                 interp.env[node] = interp.run_node(node)
-                for arg in node.all_input_nodes:
-                    if self.last_use.get(arg) == self.pos:
-                        del interp.env[arg]
+                for dead in interp.user_to_last_uses.get(node, []):  # fx's own liveness map
+                    del interp.env[dead]
             self.pos += 1
         return [interp.env[op.args[0]] for interp in self.interpreters]
