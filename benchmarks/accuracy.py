@@ -29,13 +29,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import RESULTS, SHARED, ResultStore, command_line, machine  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    SETTINGS,
+    SHARED,
+    ResultStore,
+    command_line,
+    machine,
+    markdown_header,
+)
 
 import hyq_fx  # noqa: E402
 from hyq_fx.data import evaluate_top1, image_folder, make_loader  # noqa: E402
 from hyq_fx.models import load_model  # noqa: E402
 
-SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 MODELS = ("mobilevit_xxs.cifar10", "mobilevitv2_050.cifar10")
 
 
@@ -160,12 +167,7 @@ def write_markdown(store: ResultStore, path: Path) -> None:
     rows = [r for r in store.data["rows"].values() if "recipe" in r]
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
     lines = [
-        "# Accuracy: top-1 on CIFAR-10 dev (drop vs FP32 in points)",
-        "",
-        f"Command: `{store.data.get('command', '')}`",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in store.data.get("machine", {}).items()),
-        "",
+        *markdown_header("Accuracy: top-1 on CIFAR-10 dev (drop vs FP32 in points)", store.data),
     ]
     fps = [r for r in store.data["rows"].values() if "recipe" not in r]
     for r in fps:

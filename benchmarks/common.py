@@ -53,6 +53,17 @@ def machine() -> dict[str, Any]:
     return info
 
 
+# the weight / activation bit widths the accuracy benchmarks run
+SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
+
+
+def markdown_header(title: str, data: dict[str, Any]) -> list[str]:
+    """The first lines of a results ``.md``: title, the command and the machine of ``data``."""
+    machine_ = ", ".join(f"{k} {v}" for k, v in data.get("machine", {}).items())
+    command = data.get("command", "")
+    return [f"# {title}", "", f"Command: `{command}`", "", f"Machine: {machine_}", ""]
+
+
 def command_line() -> str:
     return " ".join(["python", *sys.argv])
 

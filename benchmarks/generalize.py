@@ -22,7 +22,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, SHARED, ResultStore, command_line, machine
+from common import (
+    RESULTS,
+    SETTINGS,
+    SHARED,
+    ResultStore,
+    command_line,
+    machine,
+    markdown_header,
+)
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -38,7 +46,6 @@ MODELS = {
     "fastvit_t8": ({}, 128),
     "mobilevitv2_075": ({}, 128),
 }
-SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 
 
 def settled_model(name: str) -> tuple[nn.Module, dict]:
@@ -123,12 +130,10 @@ def main() -> None:
 def write_markdown(store: ResultStore, path: Path) -> None:
     rows = list(store.data["rows"].values())
     lines = [
-        "# Recipes on unseen hybrid architectures (random init, BN settled on real images)",
-        "",
-        f"Command: `{store.data.get('command', '')}`",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in store.data.get("machine", {}).items()),
-        "",
+        *markdown_header(
+            "Recipes on unseen hybrid architectures (random init, BN settled on real images)",
+            store.data,
+        ),
         "Not accuracy: the weights are timm's random initialisation with BatchNorm statistics "
         "averaged over 256 ImageNet-sample images; 256 other images calibrate, the rest "
         "(`n_eval`) are compared with the FP32 model. Cells: logit SQNR dB / top-1 agreement "

@@ -38,7 +38,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, SHARED, ResultStore, command_line, load_quantized, machine  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    SHARED,
+    ResultStore,
+    command_line,
+    load_quantized,
+    machine,
+    markdown_header,
+)
 
 from hyq_fx.backends.onnx_qdq import OnnxRunner, export_onnx_qdq, onnx_node_counts  # noqa: E402
 from hyq_fx.data import evaluate_top1, image_folder, make_loader  # noqa: E402
@@ -308,14 +316,9 @@ def evaluate(name, runners, extra, args, store) -> None:
 
 def write_markdown(store: ResultStore, path: Path) -> None:
     rows = store.data["rows"]
-    lines = [
-        "# Latency: onnxruntime FP32 vs int8 QDQ on CPU (median of interleaved runs)",
-        "",
-        f"Command: `{store.data.get('command', '')}`",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in store.data.get("machine", {}).items()),
-        "",
-    ]
+    lines = markdown_header(
+        "Latency: onnxruntime FP32 vs int8 QDQ on CPU (median of interleaved runs)", store.data
+    )
     for model in sorted({r["model"] for r in rows.values()}):
         timing = [r for r in rows.values() if r["model"] == model and "batch" in r]
         meta = rows.get(f"{model}|meta", {})

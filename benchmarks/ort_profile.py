@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, command_line, machine  # noqa: E402
+from common import RESULTS, command_line, machine, markdown_header  # noqa: E402
 
 
 def profile(path: Path, batch: int, runs: int, threads: int) -> dict:
@@ -78,12 +78,9 @@ def main() -> None:
     ops.sort(key=lambda op: -max(r["ops"].get(op, {"ms": 0})["ms"] for r in results))
     names = [Path(r["file"]).stem for r in results]
     lines = [
-        f"# onnxruntime kernel time by op type, batch {args.batch}, {args.threads} threads",
-        "",
-        f"Command: `{data['command']}`",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in data["machine"].items()),
-        "",
+        *markdown_header(
+            f"onnxruntime kernel time by op type, batch {args.batch}, {args.threads} threads", data
+        ),
         "ms per run (nodes); wall = mean of the timed runs, profiling on.",
         "",
         "| op type | " + " | ".join(names) + " |",
