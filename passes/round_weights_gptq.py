@@ -264,7 +264,11 @@ class RoundWeightsGPTQ(HyqPass):
                 f"round_weights_gptq: compensate_min_samples={compensate_min_samples} must be "
                 ">= 1 (calibration samples per weight column)"
             )
-        self.compensate = bool(compensate_inputs)
+        if not isinstance(compensate_inputs, bool):
+            raise PassError(
+                f"round_weights_gptq: compensate_inputs={compensate_inputs!r} must be true or false"
+            )
+        self.compensate = compensate_inputs
         self.min_samples = compensate_min_samples
 
     def requires(self, gm: fx.GraphModule) -> None:

@@ -332,3 +332,5 @@ def test_stepper_gives_each_layer_the_inputs_a_full_run_gives(data):
         assert len(stepper.interpreters[0].env) <= 12, len(stepper.interpreters[0].env)
     with pytest.raises(PassError, match="compensate_min_samples"):
         get_pass("round_weights_gptq")(ctx, compensate_min_samples=0)
+    with pytest.raises(PassError, match="compensate_inputs='yes' must be true or false"):
+        get_pass("round_weights_gptq")(ctx, compensate_inputs="yes")
