@@ -275,12 +275,15 @@ def report(args: argparse.Namespace) -> None:
         f"torch runs with its defaults: cuDNN TF32 convolutions {m.get('cudnn_allow_tf32')}, "
         f"TF32 matmuls {m.get('matmul_allow_tf32')}. The int8 libraries run int8 × int8 → int32 "
         "kernels on CUDA cores: dlight's int8 tensor-core tensorization is off by default "
-        "(`build_tvm(int8_tensor_cores=False)`: TVM 0.27 crashes on a MobileViT-v2 kernel). "
-        "TVM 0.27 libraries hold CUDA C++ that is compiled when the library is loaded "
-        "(`load_seconds`, with nvcc under a runtime-only TVM). The first call of torch.compile "
-        "(`first_call_s` in cuda.json) is its compile time.",
+        "(`build_tvm(int8_tensor_cores=False)`: TVM 0.27 crashes on a MobileViT-v2 kernel); "
+        "`tvm_int8_tc` rows, where present, are built with it. `load_seconds` is the time to "
+        "load a library and set up its runner on the GPU machine (the first CUDA use in the "
+        "process included). The first call of torch.compile (`first_call_s` in cuda.json) is "
+        "its compile time.",
         "",
         f"Device command: `{args.device_command}`",
+        "",
+        f"Before it, on the CPU machine: `{args.prepare_command}`",
         "",
     ]
     for model in sorted({r["model"] for r in rows.values()}):
@@ -350,6 +353,9 @@ def main() -> None:
     pr = sub.add_parser("report", help="write benchmarks/results/cuda.{json,md}")
     pr.add_argument("--measured", required=True, help="cuda.json written by `measure`")
     pr.add_argument("--device-command", default="", help="the command run on the GPU machine")
+    pr.add_argument(
+        "--prepare-command", default="", help="the `prepare` command(s) that made the bundle"
+    )
     args = p.parse_args()
     {"prepare": prepare, "measure": measure, "report": report}[args.stage](args)
 
