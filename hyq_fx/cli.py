@@ -307,15 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-added-error",
         type=float,
         default=1.0,
-        help="onnx, --requantize auto: requantize a conv in front of a per-channel quantizer "
-        "only if that adds at most this fraction to the quantizer's error (default 1.0)",
+        help="onnx, --requantize auto: requantize a conv in front of a per-channel quantizer, "
+        "or one added to a residual, only if that adds at most this fraction to the "
+        "quantizer's error (default 1.0)",
     )
     x.add_argument(
         "--ort-contrib-ops",
         action="store_true",
-        help="onnx: SiLU as com.microsoft.QuickGelu (same values, faster in onnxruntime; the "
-        "file then needs onnxruntime), and with --requantize auto on uint8 codes "
-        "(QLinearSigmoid, QLinearMul: one more rounding) behind a requantized conv",
+        help="onnx: SiLU as com.microsoft.QuickGelu and linear layers as "
+        "com.microsoft.MatMulIntegerToFloat with the bias inside (same values, faster in "
+        "onnxruntime; the file then needs onnxruntime), and with --requantize auto SiLU on "
+        "uint8 codes (QLinearSigmoid, QLinearMul: one more rounding) behind a requantized conv",
     )
     x.add_argument(
         "--tune-trials",

@@ -107,6 +107,9 @@ def test_onnxruntime_uses_integer_kernels(exported, tmp_path):
     assert counts.get("QLinearConv", 0) >= 25, counts  # DQ → Conv → Q fused
     assert counts.get("MatMulIntegerToFloat", 0) + counts.get("QLinearMatMul", 0) >= 40, counts
     assert len(runner.export_report["requantized"]) >= 25
+    # the three inverted bottlenecks with a skip: conv + residual as QLinearConv + QLinearAdd
+    assert counts.get("QLinearAdd", 0) == 3 and counts.get("QLinearConcat", 0) == 3, counts
+    assert runner.export_report["scalar_mul_folded"] == 9  # q · d^-½ of the 9 attentions
 
 
 def test_exact_export_matches_fake_quant(exported, inputs, reference):
@@ -136,6 +139,8 @@ def test_requantized_export_stays_close(exported, inputs, reference):
 def test_silu_as_ort_quickgelu_computes_the_same_without_sigmoid_mul(
     qxxs, exported, inputs, tmp_path
 ):
+    """``ort_contrib_ops`` with ``requantize="exact"``: SiLU as QuickGelu and ``linear`` as
+    MatMulIntegerToFloat with its bias give the same logits as the plain ONNX export."""
     _, qgm, calib = qxxs
     path = export_onnx_qdq(
         qgm, tmp_path / "ms.onnx", calib, requantize="exact", ort_contrib_ops=True
@@ -144,6 +149,8 @@ def test_silu_as_ort_quickgelu_computes_the_same_without_sigmoid_mul(
     ops = [(n.domain, n.op_type) for n in model.graph.node]
     assert ops.count(("com.microsoft", "QuickGelu")) == 34  # every SiLU of mobilevit_xxs
     assert not any(t == "Sigmoid" for _, t in ops)
+    # and every linear's bias is added inside the integer matmul (36 in the transformers, head)
+    assert ops.count(("com.microsoft", "MatMulIntegerToFloat")) == 37
     assert any(o.domain == "com.microsoft" for o in model.opset_import)
     out = OnnxRunner(path)(inputs)
     plain = OnnxRunner(export_onnx_qdq(qgm, tmp_path / "plain.onnx", calib, requantize="exact"))
@@ -340,6 +347,152 @@ def test_requantizing_for_a_per_channel_quantizer_is_measured(tmp_path):
     why = {r["conv"]: r["why"] for r in export("loose.onnx", max_added_error=100)["requantized"]}
     added = float(why["conv2d"].split("+")[1].split("%")[0]) / 100
     assert 100 > added > 1.0  # above the default bound
+
+
+class _Residual(torch.nn.Module):
+    """conv → SiLU → 1x1 conv (no activation) + residual → 3x3 conv → pool → linear: an
+    inverted bottleneck's projection and skip, as in MobileNetV2 / MobileViT blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.pw = torch.nn.Conv2d(16, 16, 1)
+        self.c3 = torch.nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.nn.functional.silu(self.c1(x))
+        return self.fc(self.c3(self.pw(y) + y).mean((2, 3)))
+
+
+def test_conv_plus_residual_becomes_qlinearconv_and_qlinearadd(tmp_path):
+    """``requantize="auto"``: a conv whose output is added to a residual on its way to a
+    quantizer gets a uint8 grid fitted so that the sum's codes change least, the residual is
+    read as codes (here those of the quantizer of its other use, the 1x1 conv's input), and
+    ONNX Runtime runs ``conv + r`` as QLinearConv + QLinearAdd instead of a float Conv on
+    dequantized input. The logits stay as close to fake-quant as the float-conv export's (a
+    few dB); without calibration images, or with ``max_added_error=0``, the conv stays float."""
+    x = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    qgm = hyq_fx.quantize(_Residual().eval(), x, "minmax", progress=False)
+    with torch.no_grad():
+        ref = qgm(x)
+
+    def export(name: str, **kw) -> tuple[dict, dict, torch.Tensor]:
+        path = export_onnx_qdq(qgm, tmp_path / name, x[:2], requantize="auto", **kw)
+        opt = tmp_path / f"{name}.opt.onnx"
+        out = OnnxRunner(path, optimized_model_path=opt)(x)
+        meta = onnx.load(str(path)).metadata_props
+        return json.loads({p.key: p.value for p in meta}["hyq_export"]), onnx_node_counts(opt), out
+
+    report, counts, out = export("residual.onnx", calib=x)
+    why = {r["conv"]: r["why"] for r in report["requantized"]}
+    assert "conv2d_1" in why and "residual" in why["conv2d_1"], report
+    assert report["float_convs"] == ["conv2d_2"]  # the last one feeds the float mean
+    assert counts.get("QLinearAdd", 0) == 1 and counts.get("QLinearConv", 0) == 2, counts
+    assert counts.get("Conv", 0) + counts.get("FusedConv", 0) == 1, counts
+    for kw in ({}, {"calib": x, "max_added_error": 0.0}):
+        report_f, counts_f, out_f = export("float.onnx", **kw)
+        assert "conv2d_1" in report_f["float_convs"] and counts_f.get("QLinearAdd", 0) == 0
+    sqnr, sqnr_float = _sqnr_db(ref, out), _sqnr_db(ref, out_f)
+    print(f"SQNR vs fake-quant: residual {sqnr:.1f} dB, float conv {sqnr_float:.1f} dB")
+    assert sqnr > 25 and sqnr > sqnr_float - 6
+
+
+class _Fusion(torch.nn.Module):
+    """conv → SiLU, concatenated with a conv's output, → 3x3 conv: a MobileViT block's
+    ``conv_proj`` + shortcut + ``conv_fusion``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.proj = torch.nn.Conv2d(8, 8, 1)
+        self.fuse = torch.nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.c1(x)
+        z = torch.cat([y, torch.nn.functional.silu(self.proj(y))], dim=1)
+        return self.fc(self.fuse(z).mean((2, 3)))
+
+
+def test_concat_before_a_quantizer_runs_on_codes(tmp_path):
+    """A concat whose only use is a per-tensor quantizer quantizes each input to that grid
+    first (exact: ``Q(cat(a, b)) = cat(Q(a), Q(b))``): run as written (no ONNX Runtime
+    fusions, whose integer kernels round differently) the exported model computes what the
+    float-concat one does, and ONNX Runtime runs it as QLinearConcat with the SiLU before it
+    on codes."""
+    import onnxruntime as ort
+
+    def unfused(path: Path) -> np.ndarray:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    qgm = hyq_fx.quantize(_Fusion().eval(), x, "minmax", progress=False)
+    plain = export_onnx_qdq(qgm, tmp_path / "n.onnx", x[:2], requantize="none")
+    path = export_onnx_qdq(qgm, tmp_path / "e.onnx", x[:2], requantize="exact")
+    assert onnx_node_counts(path)["Concat"] == 1
+    assert onnx_node_counts(path)["QuantizeLinear"] == onnx_node_counts(plain)["QuantizeLinear"] + 2
+    np.testing.assert_allclose(unfused(path), unfused(plain), atol=1e-5, rtol=1e-5)
+    OnnxRunner(path, optimized_model_path=tmp_path / "opt.onnx")(x)
+    counts = onnx_node_counts(tmp_path / "opt.onnx")
+    assert counts.get("QLinearConcat", 0) == 1 and counts.get("Concat", 0) == 0, counts
+    path = export_onnx_qdq(
+        qgm, tmp_path / "a.onnx", x[:2], requantize="auto", calib=x, ort_contrib_ops=True
+    )
+    OnnxRunner(path, optimized_model_path=tmp_path / "opt_a.onnx")(x)
+    counts = onnx_node_counts(tmp_path / "opt_a.onnx")
+    assert counts.get("QLinearSigmoid", 0) == 1 and counts.get("QuickGelu", 0) == 0, counts
+
+
+def test_quantizer_moves_before_data_movement_and_absorbs_a_scalar_mul():
+    """``Q(move(x) · c)`` → ``move(Q(x; s / c))``: the quantizer commutes with data movement
+    and absorbs a positive scalar factor, so the same codes come out (here exactly) and the
+    moves run on uint8; a Q after a move whose output has another use stays in place."""
+    import onnxruntime as ort
+
+    from hyq_fx.backends.onnx_qdq import (
+        _Builder,
+        _fold_scalar_mul_into_quantize,
+        _quantize_before_moves,
+    )
+
+    b = _Builder(17)
+    moved = b.op("Transpose", [b.op("Reshape", ["x", b.ints([2, 6, 4])], "r")], "t",
+                 perm=[0, 2, 1])  # fmt: skip
+    scaled = b.op("Mul", [b.const(0.25), moved], "scale")
+    q = b.op("QuantizeLinear", [scaled, b.const(0.02), b.const(128, np.uint8)], "q")
+    shared = b.op("Transpose", ["x"], "t2", perm=[0, 2, 1])  # used twice: this Q stays
+    kept = b.op("QuantizeLinear", [shared, b.const(0.1), b.const(3, np.uint8)], "kept")
+    twice = b.op("Relu", [shared], "relu")
+    outs = [b.op("Identity", [v], f"out{i}") for i, v in enumerate((q, kept, twice))]
+    types = [onnx.TensorProto.UINT8, onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT]
+
+    def run() -> list[np.ndarray]:
+        graph = onnx.helper.make_graph(
+            b.nodes, "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 8])],
+            [onnx.helper.make_tensor_value_info(o, t, None)
+             for o, t in zip(outs, types, strict=True)],
+            initializer=list(b.inits.values()),
+        )  # fmt: skip
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(model.SerializeToString(), options)
+        return session.run(None, {"x": x})
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype(np.float32) * 0.5
+    before = run()
+    assert _fold_scalar_mul_into_quantize(b) == 1 and _quantize_before_moves(b) == 1
+    ops = [n.op_type for n in b.nodes]
+    assert "Mul" not in ops and ops.index("QuantizeLinear") < ops.index("Reshape")
+    for a, c in zip(before, run(), strict=True):
+        np.testing.assert_array_equal(a, c)
 
 
 class _ConvThenDepthwise(torch.nn.Module):
