@@ -495,6 +495,41 @@ def test_quantizer_moves_before_data_movement_and_absorbs_a_scalar_mul():
         np.testing.assert_array_equal(a, c)
 
 
+class _GroupNorms(torch.nn.Module):
+    """conv → GroupNorm(1, C) (MobileViTv2's LayerNorm2d) → conv → GroupNorm(2, C) → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.n1 = torch.nn.GroupNorm(1, 8)
+        self.c2 = torch.nn.Conv2d(8, 8, 1)
+        self.n2 = torch.nn.GroupNorm(2, 8)
+        self.fc = torch.nn.Linear(8, 5)
+        with torch.no_grad():  # non-trivial affine parameters
+            for norm in (self.n1, self.n2):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.fc(self.n2(self.c2(self.n1(self.c1(x)))).mean((2, 3)))
+
+
+def test_group_norm_translation_is_exact_and_stores_no_unit_scale(tmp_path):
+    """GroupNorm is written as LayerNormalization over each group; its unit scale is expanded
+    from a scalar when the model loads, so the file holds no ``[C·H·W]`` vector of ones."""
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = _GroupNorms().eval()
+    qgm = hyq_fx.quantize(model, x, "minmax", progress=False)
+    with quantizers_mode(qgm, "off"):
+        path = export_onnx_qdq(qgm, tmp_path / "gn.onnx", x[:2])
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(OnnxRunner(path)(x), ref, atol=1e-5, rtol=1e-5)
+    sizes = [int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer]
+    assert max(sizes) < 8 * 12 * 12 // 2, sizes  # no per-element vector of a group
+
+
 class _ConvThenDepthwise(torch.nn.Module):
     """conv (no activation) → depthwise conv → ReLU → 1x1 conv → pool → linear, as in a
     MobileViTv2 block after an inverted bottleneck's projection."""
