@@ -530,6 +530,36 @@ def test_group_norm_translation_is_exact_and_stores_no_unit_scale(tmp_path):
     assert max(sizes) < 8 * 12 * 12 // 2, sizes  # no per-element vector of a group
 
 
+class _LinearAttentionContext(torch.nn.Module):
+    """MobileViTv2's ``relu(value) · context.expand_as(value)`` and an ``expand_as`` that is
+    used alone (that one must stay an Expand)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 1)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        v = self.c1(x)
+        context = v.mean(dim=3, keepdim=True)
+        y = torch.relu(v) * context.expand_as(v)
+        return self.fc((y + context.expand_as(v).relu()).mean((2, 3)))
+
+
+def test_expand_as_before_a_broadcasting_op_is_left_to_the_op(tmp_path):
+    """``a · b.expand_as(a)`` is written as ``a · b`` (Mul broadcasts to the same result);
+    an ``expand_as`` with another use keeps its Expand. The float translation stays exact."""
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    model = _LinearAttentionContext().eval()
+    qgm = hyq_fx.quantize(model, x, "minmax", progress=False)
+    with quantizers_mode(qgm, "off"):
+        path = export_onnx_qdq(qgm, tmp_path / "e.onnx", x[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(OnnxRunner(path)(x), model(x), atol=1e-5, rtol=1e-5)
+    assert onnx_node_counts(path).get("Expand", 0) == 1
+
+
 class _ConvThenDepthwise(torch.nn.Module):
     """conv (no activation) → depthwise conv → ReLU → 1x1 conv → pool → linear, as in a
     MobileViTv2 block after an inverted bottleneck's projection."""
