@@ -47,3 +47,28 @@ def test_fold_rewrite_checks_the_permutation():
         assert _count(lowered, aten.pixel_shuffle.default) == rewritten, swap
         with torch.no_grad():
             assert torch.equal(lowered(tokens), module(tokens))
+
+
+class _Fold6d(nn.Module):
+    """Tokens [B, C, P, N] back to a map, as timm's MobileVitV2Block writes it."""
+
+    def __init__(self, h: int, w: int, s: int, perm: tuple[int, ...] = (0, 1, 4, 2, 5, 3)):
+        super().__init__()
+        self.h, self.w, self.s, self.perm = h, w, s, perm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        x = x.reshape(b, c, self.s, self.s, self.h, self.w).permute(*self.perm)
+        return x.reshape(b, c, self.h * self.s, self.w * self.s) + 1.0
+
+
+def test_mobilevitv2_fold_becomes_pixel_shuffle_bit_for_bit():
+    tokens = torch.randn(2, 8, 2 * 2, 3 * 5)  # B=2, C=8, 2x2 patches, h=3, w=5
+    for perm, rewritten in (((0, 1, 4, 2, 5, 3), 1), ((0, 1, 4, 3, 5, 2), 0)):
+        module = _Fold6d(3, 5, 2, perm)
+        gm = hyq_fx.capture(module, tokens)
+        lowered = fold_tokens_with_pixel_shuffle(gm, tokens)
+        assert _count(lowered, aten.pixel_shuffle.default) == rewritten, perm
+        assert _count(lowered, aten.permute.default) == 1 - rewritten
+        with torch.no_grad():
+            assert torch.equal(lowered(tokens), module(tokens))
