@@ -1689,8 +1689,9 @@ def export_onnx_qdq(
     also write, exactly, a concat before a per-tensor quantizer on codes (QLinearConcat), fold
     a positive scalar factor into the quantizer after it (attention's ``q·d^-½``) and move
     per-tensor quantizers before the data movement that leads to them (reshapes, transposes,
-    DepthToSpace then run on uint8). On mobilevit_xxs at batch 32 on 2 cores these took our
-    int8 file from 1.07x to about 1.3x ONNX Runtime FP32 (``latency_ort_b32_pair_s12``).
+    DepthToSpace then run on uint8). On mobilevit_xxs at batch 32 on 2 cores these, with the
+    linear bias inside MatMulIntegerToFloat (``ort_contrib_ops``), took our int8 file from
+    1.05x to 1.34x ONNX Runtime FP32 (``benchmarks/results/latency_ort_pair_s12_xxs_b32``).
     ``calib``: images (calibration images; the first 16 are used) on which the SiLU/GELU grids
     are fitted; without them a grid is derived from the next quantizer's range alone.
     ``max_added_error``: with ``"auto"``, a conv whose output reaches a per-channel quantizer,
