@@ -76,7 +76,11 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
 from hyq_fx.artifact import atomic_output_file
-from hyq_fx.lowering import fold_tokens_with_pixel_shuffle, lower_for_export
+from hyq_fx.lowering import (
+    fold_tokens_with_pixel_shuffle,
+    lower_for_export,
+    unfold_maps_with_pixel_unshuffle,
+)
 from hyq_fx.quantize import quantizers_mode
 from hyq_fx.quantizer import FakeQuantizer
 
@@ -1444,6 +1448,20 @@ def _pixel_shuffle(t: _Translator, n, x, factor):
     return t.b.op("DepthToSpace", [t.v(x)], n.name, blocksize=int(factor), mode="CRD")
 
 
+@_handles(aten.pixel_unshuffle.default)
+def _pixel_unshuffle(t: _Translator, n, x, factor):
+    """``SpaceToDepth`` orders the new channels patch-major (``(u·s + v)·C + c``), torch
+    channel-major (``c·s² + u·s + v``): a transpose of whole ``h·w`` planes puts them in torch's
+    order."""
+    _, c, height, width = t.shape(x)
+    s = int(factor)
+    h, w = height // s, width // s
+    y = t.b.op("SpaceToDepth", [t.v(x)], f"{n.name}_s2d", blocksize=s)
+    y = t.b.op("Reshape", [y, t.b.ints([0, s * s, c, h, w])], f"{n.name}_split")
+    y = t.b.op("Transpose", [y], f"{n.name}_swap", perm=[0, 2, 1, 3, 4])
+    return t.b.op("Reshape", [y, t.b.ints([0, c * s * s, h, w])], n.name)
+
+
 @_handles(aten.t.default)
 def _t(t: _Translator, n, x):
     return t.b.op("Transpose", [t.v(x)], n.name, perm=[1, 0])
@@ -1724,6 +1742,7 @@ def export_onnx_qdq(
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise ExportError("example_input must be an image batch tensor [N, C, H, W]")
     gm = fold_tokens_with_pixel_shuffle(lower_for_export(gm, example_input), example_input)
+    gm = unfold_maps_with_pixel_unshuffle(gm, example_input)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise ExportError(f"the module takes {len(placeholders)} inputs; only one is supported")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import hyq_fx
-from hyq_fx.lowering import fold_tokens_with_pixel_shuffle
+from hyq_fx.lowering import fold_tokens_with_pixel_shuffle, unfold_maps_with_pixel_unshuffle
 
 aten = torch.ops.aten
 
@@ -72,3 +72,51 @@ def test_mobilevitv2_fold_becomes_pixel_shuffle_bit_for_bit():
         assert _count(lowered, aten.permute.default) == 1 - rewritten
         with torch.no_grad():
             assert torch.equal(lowered(tokens), module(tokens))
+
+
+class _Unfold(nn.Module):
+    """A map [B, C, H, W] into tokens [B·P, N, C], as timm's MobileVitBlock writes it."""
+
+    def __init__(self, s: int, swap: tuple[int, int] = (1, 3)) -> None:
+        super().__init__()
+        self.s, self.swap = s, swap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        s, nh, nw = self.s, h // self.s, w // self.s
+        x = x.reshape(b * c * nh, s, nw, s).transpose(1, 2)
+        x = x.reshape(b, c, nh * nw, s * s).transpose(*self.swap)
+        return x.reshape(b * s * s, nh * nw, -1) * 2.0
+
+
+class _Unfold6d(nn.Module):
+    """A map [B, C, H, W] into tokens [B, C, P, N], as timm's MobileVitV2Block writes it."""
+
+    def __init__(self, s: int, perm: tuple[int, ...] = (0, 1, 3, 5, 2, 4)) -> None:
+        super().__init__()
+        self.s, self.perm = s, perm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        s = self.s
+        x = x.reshape(b, c, h // s, s, w // s, s).permute(*self.perm)
+        return x.reshape(b, c, s * s, -1) + 1.0
+
+
+def test_unfolds_become_pixel_unshuffle_bit_for_bit(xxs_gm, xxs_input):
+    lowered = unfold_maps_with_pixel_unshuffle(xxs_gm, xxs_input[:2])
+    assert _count(lowered, aten.pixel_unshuffle.default) == 3  # one per MobileViT block
+    assert _count(xxs_gm, aten.pixel_unshuffle.default) == 0  # the input graph is unchanged
+    with torch.no_grad():
+        assert torch.equal(lowered(xxs_input), xxs_gm(xxs_input))
+    image = torch.randn(2, 8, 6, 10)  # C=8, 2x2 patches, h=3, w=5
+    cases = [
+        (_Unfold(2), 1), (_Unfold(2, swap=(2, 3)), 0),
+        (_Unfold6d(2), 1), (_Unfold6d(2, perm=(0, 1, 5, 3, 2, 4)), 0),
+    ]  # fmt: skip
+    for module, rewritten in cases:
+        gm = hyq_fx.capture(module, image)
+        lowered = unfold_maps_with_pixel_unshuffle(gm, image)
+        assert _count(lowered, aten.pixel_unshuffle.default) == rewritten, module
+        with torch.no_grad():
+            assert torch.equal(lowered(image), module(image))

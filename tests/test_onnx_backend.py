@@ -28,6 +28,18 @@ def _sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).mean() / (test - ref).pow(2).mean().clamp_min(1e-30)))
 
 
+def _float_export_matching(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:
+    """``model`` captured (minmax), exported with quantizers off to ``path``, and checked to
+    compute what ``model`` computes (1e-5)."""
+    torch.manual_seed(0)
+    qgm = hyq_fx.quantize(model.eval(), x, "minmax", progress=False)
+    with quantizers_mode(qgm, "off"):
+        export_onnx_qdq(qgm, path, x[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(OnnxRunner(path)(x), model(x), atol=1e-5, rtol=1e-5)
+    return path
+
+
 @pytest.fixture(scope="module")
 def qxxs():
     """Random-init mobilevit_xxs (10 classes) quantized W8A8 minmax at 64x64, and its float."""
@@ -519,13 +531,7 @@ def test_group_norm_translation_is_exact_and_stores_no_unit_scale(tmp_path):
     from a scalar when the model loads, so the file holds no ``[C·H·W]`` vector of ones."""
     x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(0)
-    model = _GroupNorms().eval()
-    qgm = hyq_fx.quantize(model, x, "minmax", progress=False)
-    with quantizers_mode(qgm, "off"):
-        path = export_onnx_qdq(qgm, tmp_path / "gn.onnx", x[:2])
-    with torch.no_grad():
-        ref = model(x)
-    torch.testing.assert_close(OnnxRunner(path)(x), ref, atol=1e-5, rtol=1e-5)
+    path = _float_export_matching(_GroupNorms(), x, tmp_path / "gn.onnx")
     sizes = [int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer]
     assert max(sizes) < 8 * 12 * 12 // 2, sizes  # no per-element vector of a group
 
@@ -551,13 +557,32 @@ def test_expand_as_before_a_broadcasting_op_is_left_to_the_op(tmp_path):
     an ``expand_as`` with another use keeps its Expand. The float translation stays exact."""
     x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(4))
     torch.manual_seed(0)
-    model = _LinearAttentionContext().eval()
-    qgm = hyq_fx.quantize(model, x, "minmax", progress=False)
-    with quantizers_mode(qgm, "off"):
-        path = export_onnx_qdq(qgm, tmp_path / "e.onnx", x[:2])
-    with torch.no_grad():
-        torch.testing.assert_close(OnnxRunner(path)(x), model(x), atol=1e-5, rtol=1e-5)
+    path = _float_export_matching(_LinearAttentionContext(), x, tmp_path / "e.onnx")
     assert onnx_node_counts(path).get("Expand", 0) == 1
+
+
+class _Unfold6d(torch.nn.Module):
+    """conv → MobileViTv2's unfold into tokens [B, C, P, N] → a token-wise op → pool → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8 * 4, 5)
+
+    def forward(self, x):
+        y = self.c1(x)
+        b, c, h, w = y.shape
+        t = y.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c, 4, -1)
+        return self.fc(torch.relu(t).mean(3).flatten(1))
+
+
+def test_unfold_is_exported_as_space_to_depth_exactly(tmp_path):
+    """The unfold, lowered to ``pixel_unshuffle``, is written as SpaceToDepth plus a transpose
+    of whole planes (torch's channel order); the float translation matches torch."""
+    x = torch.randn(4, 3, 8, 12, generator=torch.Generator().manual_seed(6))
+    torch.manual_seed(0)
+    path = _float_export_matching(_Unfold6d(), x, tmp_path / "u.onnx")
+    assert onnx_node_counts(path).get("SpaceToDepth", 0) == 1
 
 
 class _ConvThenDepthwise(torch.nn.Module):
