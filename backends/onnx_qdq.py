@@ -1339,14 +1339,31 @@ def _group_norm(t: _Translator, n, x, groups, weight=None, bias=None, eps=1e-5, 
     g = t.b.op("Reshape", [t.v(x), t.b.ints([0, groups, -1])], f"{n.name}_g")
     if any(d is None for d in shape[1:]):
         raise ExportError(f"{_where(n)}: group_norm over a batch-dependent dimension")
-    # the unit scale is expanded from a scalar when the model loads (a stored [C·H·W] ones
-    # vector was 64 KB of mobilevitv2_050's 1.4 MB int8 file)
-    size = t.b.ints([int(np.prod(shape[1:])) // groups])
-    ones = t.b.op("Expand", [t.b.const(np.float32(1.0)), size], f"{n.name}_ones")
-    normed = t.b.op("LayerNormalization", [g, ones], f"{n.name}_ln", axis=-1, epsilon=float(eps))
+    # scales are expanded from per-channel or scalar values when the model loads (a stored
+    # [C·H·W] ones vector was 64 KB of mobilevitv2_050's 1.4 MB int8 file)
+    size = int(np.prod(shape[1:])) // groups
     in_shape = t.b.op("Shape", [t.v(x)], f"{n.name}_shape")
-    y = t.b.op("Reshape", [normed, in_shape], f"{n.name}_y")
     bshape = [c] + [1] * (len(shape) - 2)
+    if (
+        groups == 1
+        and (weight is None or weight.op == "get_attr")
+        and (bias is None or bias.op == "get_attr")
+    ):  # GroupNorm(1, C): the affine goes into the LayerNormalization, one pass fewer each
+        inputs = [g]
+        for param, fill in ((weight, 1.0), (bias, 0.0)):
+            value = (
+                getattr_path(t.gm, param.target).detach().numpy().reshape(bshape)
+                if param is not None
+                else np.full(bshape, fill, np.float32)
+            )
+            per_channel = t.b.init(value.astype(np.float32), f"{n.name}_affine")
+            full = t.b.op("Expand", [per_channel, t.b.ints(list(shape[1:]))], f"{n.name}_full")
+            inputs.append(t.b.op("Reshape", [full, t.b.ints([size])], f"{n.name}_flat"))
+        normed = t.b.op("LayerNormalization", inputs, f"{n.name}_ln", axis=-1, epsilon=float(eps))
+        return t.b.op("Reshape", [normed, in_shape], n.name)
+    ones = t.b.op("Expand", [t.b.const(np.float32(1.0)), t.b.ints([size])], f"{n.name}_ones")
+    normed = t.b.op("LayerNormalization", [g, ones], f"{n.name}_ln", axis=-1, epsilon=float(eps))
+    y = t.b.op("Reshape", [normed, in_shape], f"{n.name}_y")
     if weight is not None:
         w = t.b.init(
             getattr_path(t.gm, weight.target).detach().numpy().reshape(bshape), f"{weight.target}_c"
