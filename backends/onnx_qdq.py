@@ -382,6 +382,14 @@ class _Builder:
 _ONNX_MOVES = {"Reshape", "Transpose", "DepthToSpace", "SpaceToDepth", "Squeeze", "Unsqueeze"}
 
 
+def _per_tensor(b: _Builder, node: onnx.NodeProto) -> bool:
+    """Whether a Q/DQ node is per-tensor: no ``axis``, its scale (and zero point, if given)
+    scalar initializers."""
+    return not any(a.name == "axis" for a in node.attribute) and all(
+        b.inits.get(i) is not None and not b.inits[i].dims for i in node.input[1:3]
+    )
+
+
 def _fold_scalar_mul_into_quantize(b: _Builder) -> int:
     """``QuantizeLinear(x · c; s, z)`` with a constant scalar ``c > 0`` (the only use of the
     product) becomes ``QuantizeLinear(x; s / c, z)``: the same codes (up to the float rounding
@@ -398,15 +406,15 @@ def _fold_scalar_mul_into_quantize(b: _Builder) -> int:
 
     dropped: set[int] = set()
     for q in b.nodes:
-        if q.op_type != "QuantizeLinear" or any(a.name == "axis" for a in q.attribute):
+        if q.op_type != "QuantizeLinear" or len(q.input) < 2 or not _per_tensor(b, q):
             continue
         mul = producer.get(q.input[0])
         if mul is None or mul.op_type != "Mul" or n_users.get(q.input[0]) != 1:
             continue
-        s_q = scalar(q.input[1]) if len(q.input) > 1 else None
+        s_q = scalar(q.input[1])
         for k in (0, 1):
             c = scalar(mul.input[1 - k])
-            if c is not None and c > 0 and s_q is not None and b.inits[q.input[1]].dims == []:
+            if c is not None and c > 0 and s_q is not None:
                 q.input[0] = mul.input[k]
                 q.input[1] = b.init(np.float32(s_q / c), f"{q.name}_scale")
                 dropped.add(id(mul))
@@ -431,9 +439,7 @@ def _quantize_before_moves(b: _Builder) -> int:
     moved: dict[int, onnx.NodeProto] = {}  # first move of a chain → the Q to put before it
     dropped: set[int] = set()
     for q in b.nodes:
-        if q.op_type != "QuantizeLinear" or any(a.name == "axis" for a in q.attribute):
-            continue
-        if len(q.input) < 3 or any(b.inits.get(i) is None or b.inits[i].dims for i in q.input[1:3]):
+        if q.op_type != "QuantizeLinear" or len(q.input) < 3 or not _per_tensor(b, q):
             continue
         chain, value = [], q.input[0]
         while (
@@ -472,12 +478,6 @@ def _matmul_bias_in_int8(b: _Builder) -> int:
     float output (37 of them on mobilevit_xxs: the transformer's linears); fused, the batch-32
     int8 run took 37.7 instead of 39.9 ms. Returns the number fused."""
     producer, users = b.links()
-
-    def per_tensor(dq: onnx.NodeProto) -> bool:
-        return not any(a.name == "axis" for a in dq.attribute) and all(
-            b.inits.get(i) is not None and not b.inits[i].dims for i in dq.input[1:3]
-        )
-
     replaced: dict[int, onnx.NodeProto] = {}
     dropped: set[int] = set()
     for mm in b.nodes:
@@ -497,7 +497,7 @@ def _matmul_bias_in_int8(b: _Builder) -> int:
         if bias not in b.inits or list(b.inits[bias].dims) != [w.dims[1]]:
             continue
         axis = [a.i for a in dq_w.attribute if a.name == "axis"]
-        if not per_tensor(dq_a) or not (axis in ([1], [-1]) or per_tensor(dq_w)):
+        if not _per_tensor(b, dq_a) or not (axis in ([1], [-1]) or _per_tensor(b, dq_w)):
             continue
         zeros = [dq.input[2] if len(dq.input) > 2 else "" for dq in (dq_a, dq_w)]
         replaced[id(add)] = helper.make_node(
@@ -521,12 +521,9 @@ def _silu_in_uint8(b: _Builder) -> int:
     producer, users = b.links()
 
     def scalar_qparams(node: onnx.NodeProto) -> bool:
-        if any(a.name == "axis" for a in node.attribute) or len(node.input) < 3:
-            return False
-        scale, zero = (b.inits.get(i) for i in node.input[1:3])
         return (
-            scale is not None and zero is not None and not scale.dims and not zero.dims
-            and zero.data_type == TensorProto.UINT8
+            len(node.input) >= 3 and _per_tensor(b, node)
+            and b.inits[node.input[2]].data_type == TensorProto.UINT8
         )  # fmt: skip
 
     replaced: dict[int, list[onnx.NodeProto]] = {}
@@ -893,16 +890,17 @@ class _Translator:
         side use of a requantized conv does)."""
         if r in self.env and self.env[r] in self.act_q:
             return r
-        for u in r.users:
-            if not _is_fq(self.gm, u):
-                continue
-            fq = self.fq(u)
-            if fq.mode != "quantize" or not fq.calibrated or fq.spec.bits > 8:
-                continue
-            qp = _qparams(fq, _where(u), as_weight=False)
-            if qp.axis is None and qp.dtype == TensorProto.UINT8:
-                return u
-        return None
+        return next((u for u in r.users if self.uint8_grid(u) is not None), None)
+
+    def uint8_grid(self, n: fx.Node) -> _QParams | None:
+        """The qparams of ``n`` if it is a calibrated per-tensor uint8 activation quantizer."""
+        if not _is_fq(self.gm, n):
+            return None
+        fq = self.fq(n)
+        if fq.mode != "quantize" or not fq.calibrated or fq.spec.bits > 8:
+            return None
+        qp = _qparams(fq, _where(n), as_weight=False)
+        return qp if qp.axis is None and qp.dtype == TensorProto.UINT8 else None
 
     def residual_value(self, add: fx.Node) -> str:
         """The residual input of a requantized ``conv + r``: per-tensor uint8 codes, read."""
@@ -913,22 +911,16 @@ class _Translator:
             self.env[source] = self.quantize_activation(source, self.v(source.args[0]))
         return self.env[source]
 
-    def needs_samples(self, conv: fx.Node) -> bool:
-        """Whether the conv's requantization grid is fitted on calibration outputs."""
+    def sample_nodes(self, conv: fx.Node) -> set[fx.Node]:
+        """The values a conv's requantization grid is fitted on (calibration outputs): its
+        output, and a residual added to it; none if its grid is not fitted."""
         path = self._requant_path(conv)
         if path is None:
-            return False
-        act, target = path
-        return act in _SMOOTH_ACTS or act is _RESIDUAL or self.fq(target).spec.per_channel
-
-    def sample_nodes(self, conv: fx.Node) -> set[fx.Node]:
-        """The values a conv's grid is fitted on: its output, and a residual added to it."""
-        if not self.needs_samples(conv):
             return set()
-        path = self._requant_path(conv)
-        if path is not None and path[0] is _RESIDUAL:
+        act, target = path
+        if act is _RESIDUAL:
             return {conv, self._residual(next(iter(conv.users)), conv)}
-        return {conv}
+        return {conv} if act in _SMOOTH_ACTS or self.fq(target).spec.per_channel else set()
 
     def _find_quantizer(self, users: list[fx.Node], strict: bool) -> fx.Node | None:
         for _ in range(16):
@@ -1470,7 +1462,13 @@ def _pixel_unshuffle(t: _Translator, n, x, factor):
     """``SpaceToDepth`` orders the new channels patch-major (``(u·s + v)·C + c``), torch
     channel-major (``c·s² + u·s + v``): a transpose of whole ``h·w`` planes puts them in torch's
     order."""
-    _, c, height, width = t.shape(x)
+    shape = t.shape(x)
+    if len(shape) != 4 or any(d is None for d in shape[1:]):
+        raise ExportError(
+            f"{_where(n)}: pixel_unshuffle of a {shape} tensor; the ONNX export handles "
+            "[N, C, H, W] inputs with fixed C, H and W (export at the deployed image size)"
+        )
+    _, c, height, width = shape
     s = int(factor)
     h, w = height // s, width // s
     y = t.b.op("SpaceToDepth", [t.v(x)], f"{n.name}_s2d", blocksize=s)
@@ -1551,15 +1549,11 @@ def _cat(t: _Translator, n, tensors, dim=0):
     grid)."""
     parts = [t.v(a) for a in tensors]
     users = list(n.users)
-    if t.requantize != "none" and len(users) == 1 and _is_fq(t.gm, users[0]):
-        fq = t.fq(users[0])
-        if fq.mode == "quantize" and fq.calibrated and fq.spec.bits <= 8:
-            qp = _qparams(fq, _where(users[0]), as_weight=False)
-            if qp.axis is None and qp.dtype == TensorProto.UINT8:
-                parts = [  # an input that is already codes is requantized by the concat
-                    v if v in t.act_q else t.qdq(v, qp, f"{n.name}_in{i}")
-                    for i, v in enumerate(parts)
-                ]
+    qp = t.uint8_grid(users[0]) if t.requantize != "none" and len(users) == 1 else None
+    if qp is not None:
+        parts = [  # an input that is already codes is requantized by the concat
+            v if v in t.act_q else t.qdq(v, qp, f"{n.name}_in{i}") for i, v in enumerate(parts)
+        ]
     return t.b.op("Concat", parts, n.name, axis=dim % t.rank(n))
 
 

@@ -585,6 +585,19 @@ def test_unfold_is_exported_as_space_to_depth_exactly(tmp_path):
     assert onnx_node_counts(path).get("SpaceToDepth", 0) == 1
 
 
+class _Unshuffle5d(torch.nn.Module):
+    def forward(self, x):
+        y = torch.nn.functional.pixel_unshuffle(x.unsqueeze(1), 2)
+        return y.flatten(1).mean(1, keepdim=True)
+
+
+def test_pixel_unshuffle_of_another_rank_is_a_clear_error(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    qgm = hyq_fx.quantize(_Unshuffle5d(), x, "minmax", progress=False)
+    with pytest.raises(ExportError, match=r"pixel_unshuffle.*\[N, C, H, W\]"):
+        export_onnx_qdq(qgm, tmp_path / "u.onnx", x)
+
+
 class _ConvThenDepthwise(torch.nn.Module):
     """conv (no activation) → depthwise conv → ReLU → 1x1 conv → pool → linear, as in a
     MobileViTv2 block after an inverted bottleneck's projection."""
