@@ -52,6 +52,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx
@@ -216,8 +218,79 @@ def _fold_6d_factor(m: dict[str, fx.Node]) -> int | None:
     return int(s) if ok else None
 
 
-def _has_fold(gm: fx.GraphModule) -> bool:
-    return any(True for pattern in (_FOLD, _FOLD_6D) for _ in match_all(gm, pattern))
+def _rewrite(
+    gm: fx.GraphModule,
+    example_input: torch.Tensor | None,
+    rewrites: tuple[tuple[Any, Callable[[fx.Graph, dict[str, fx.Node]], bool]], ...],
+) -> fx.GraphModule:
+    """A copy of ``gm`` with ``rewrite(graph, match)`` applied to every match of each pattern
+    (``gm`` itself if nothing matches); a graph without shapes (e.g. one loaded from an
+    artifact) gets them from ``example_input`` first."""
+    if not any(True for pattern, _ in rewrites for _ in match_all(gm, pattern)):
+        return gm
+    gm = copy.deepcopy(gm)
+    shapeless = any(
+        _shape(n) is None
+        for pattern, _ in rewrites
+        for m in match_all(gm, pattern)
+        for n in m.values()
+    )
+    if example_input is not None and shapeless:
+        from .graph import propagate_shapes
+
+        with torch.no_grad():
+            propagate_shapes(gm, example_input)
+    changed = False
+    for pattern, rewrite in rewrites:
+        for m in list(match_all(gm, pattern)):
+            changed |= rewrite(gm.graph, m)
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
+
+
+def _replace(graph: fx.Graph, old: fx.Node, new: fx.Node, made: tuple[fx.Node, ...], dead) -> None:
+    """``old``'s uses go to ``new`` (which takes its meta; the other ``made`` nodes take it
+    without the shape), and the matched ``dead`` nodes are erased, users first."""
+    shapeless = {k: v for k, v in old.meta.items() if k not in ("val", "tensor_meta")}
+    for node in made:
+        node.meta.update(shapeless)
+    new.meta.update(old.meta)
+    old.replace_all_uses_with(new)
+    for node in dead:
+        graph.erase_node(node)
+
+
+def _fold_to_pixel_shuffle(graph: fx.Graph, m: dict[str, fx.Node]) -> bool:
+    """MobileViT's fold as ``pixel_shuffle(reshape(permute(x, [0, 3, 1, 2]), ...), s)``."""
+    s = _fold_factor(m)
+    if s is None:
+        return False
+    _, p, _, c = _shape(m["tokens"])
+    _, _, height, width = _shape(m["image"])
+    with graph.inserting_before(m["image"]):
+        channels_first = graph.call_function(aten.permute.default, (m["tokens"], [0, 3, 1, 2]))
+        depth = graph.call_function(
+            aten.reshape.default, (channels_first, [-1, int(c * p), height // s, width // s])
+        )
+        new = graph.call_function(aten.pixel_shuffle.default, (depth, s))
+    dead = (m["image"], m["swap_rows"], m["rows"], m["swap_tokens"])
+    _replace(graph, m["image"], new, (channels_first, depth), dead)
+    return True
+
+
+def _fold_6d_to_pixel_shuffle(graph: fx.Graph, m: dict[str, fx.Node]) -> bool:
+    """MobileViTv2's fold as ``pixel_shuffle(reshape(x, [B, C·s², h, w]), s)``."""
+    s = _fold_6d_factor(m)
+    if s is None:
+        return False
+    _, c, _, _, h, w = _shape(m["split"])
+    with graph.inserting_before(m["image"]):
+        depth = graph.call_function(aten.reshape.default, (m["tokens"], [-1, c * s * s, h, w]))
+        new = graph.call_function(aten.pixel_shuffle.default, (depth, s))
+    _replace(graph, m["image"], new, (depth,), (m["image"], m["perm"], m["split"]))
+    return True
 
 
 def fold_tokens_with_pixel_shuffle(
@@ -226,68 +299,8 @@ def fold_tokens_with_pixel_shuffle(
     """A copy of ``gm`` with every token fold (MobileViT's and MobileViTv2's) written as
     ``pixel_shuffle`` (``gm`` itself if there is none); see the module docstring. A graph
     without shapes needs ``example_input``."""
-    if not _has_fold(gm):
-        return gm
-    gm = copy.deepcopy(gm)
-    shapeless = any(
-        _shape(n) is None
-        for pattern in (_FOLD, _FOLD_6D)
-        for m in match_all(gm, pattern)
-        for n in m.values()
-    )
-    if example_input is not None and shapeless:  # e.g. a graph loaded from an artifact
-        from .graph import propagate_shapes
-
-        with torch.no_grad():
-            propagate_shapes(gm, example_input)
-    graph = gm.graph
-    changed = _fold_6d_with_pixel_shuffle(graph)
-    for m in match_all(gm, _FOLD):
-        s = _fold_factor(m)
-        if s is None:
-            continue
-        _, p, _, c = _shape(m["tokens"])
-        _, _, height, width = _shape(m["image"])
-        image = m["image"]
-        with graph.inserting_before(image):
-            channels_first = graph.call_function(aten.permute.default, (m["tokens"], [0, 3, 1, 2]))
-            depth = graph.call_function(
-                aten.reshape.default, (channels_first, [-1, int(c * p), height // s, width // s])
-            )
-            new = graph.call_function(aten.pixel_shuffle.default, (depth, s))
-        shapeless = {k: v for k, v in image.meta.items() if k not in ("val", "tensor_meta")}
-        channels_first.meta.update(shapeless)
-        depth.meta.update(shapeless)
-        new.meta.update(image.meta)
-        image.replace_all_uses_with(new)
-        for dead in (image, m["swap_rows"], m["rows"], m["swap_tokens"]):
-            graph.erase_node(dead)
-        changed = True
-    if changed:
-        graph.lint()
-        gm.recompile()
-    return gm
-
-
-def _fold_6d_with_pixel_shuffle(graph: fx.Graph) -> bool:
-    """MobileViTv2's folds as ``pixel_shuffle(reshape(x, [B, C·s², h, w]), s)``."""
-    changed = False
-    for m in list(match_all(graph.owning_module, _FOLD_6D)):
-        s = _fold_6d_factor(m)
-        if s is None:
-            continue
-        _, c, _, _, h, w = _shape(m["split"])
-        image = m["image"]
-        with graph.inserting_before(image):
-            depth = graph.call_function(aten.reshape.default, (m["tokens"], [-1, c * s * s, h, w]))
-            new = graph.call_function(aten.pixel_shuffle.default, (depth, s))
-        depth.meta.update({k: v for k, v in image.meta.items() if k not in ("val", "tensor_meta")})
-        new.meta.update(image.meta)
-        image.replace_all_uses_with(new)
-        for dead in (image, m["perm"], m["split"]):
-            graph.erase_node(dead)
-        changed = True
-    return changed
+    rewrites = ((_FOLD, _fold_to_pixel_shuffle), (_FOLD_6D, _fold_6d_to_pixel_shuffle))
+    return _rewrite(gm, example_input, rewrites)
 
 
 def _unfold_factor(m: dict[str, fx.Node]) -> int | None:
@@ -321,55 +334,44 @@ def _unfold_6d_factor(m: dict[str, fx.Node]) -> int | None:
     return int(s) if ok else None
 
 
+def _unfold_to_pixel_unshuffle(graph: fx.Graph, m: dict[str, fx.Node]) -> bool:
+    """MobileViT's unfold as ``reshape(permute(reshape(pixel_unshuffle(x, s), [B, C, P, N]),
+    [0, 2, 3, 1]), [B·P, N, C])``."""
+    s = _unfold_factor(m)
+    if s is None:
+        return False
+    _, c, height, width = _shape(m["image"])
+    p, n = s * s, (height // s) * (width // s)
+    with graph.inserting_before(m["tokens"]):
+        unshuffled = graph.call_function(aten.pixel_unshuffle.default, (m["image"], s))
+        grid = graph.call_function(aten.reshape.default, (unshuffled, [-1, c, p, n]))
+        last = graph.call_function(aten.permute.default, (grid, [0, 2, 3, 1]))
+        new = graph.call_function(aten.reshape.default, (last, [-1, n, c]))
+    dead = (m["tokens"], m["swap_tokens"], m["grid"], m["swap_rows"], m["rows"])
+    _replace(graph, m["tokens"], new, (unshuffled, grid, last), dead)
+    return True
+
+
+def _unfold_6d_to_pixel_unshuffle(graph: fx.Graph, m: dict[str, fx.Node]) -> bool:
+    """MobileViTv2's unfold as ``reshape(pixel_unshuffle(x, s), [B, C, P, N])``."""
+    s = _unfold_6d_factor(m)
+    if s is None:
+        return False
+    _, c, height, width = _shape(m["image"])
+    with graph.inserting_before(m["tokens"]):
+        unshuffled = graph.call_function(aten.pixel_unshuffle.default, (m["image"], s))
+        new = graph.call_function(
+            aten.reshape.default, (unshuffled, [-1, c, s * s, (height // s) * (width // s)])
+        )
+    _replace(graph, m["tokens"], new, (unshuffled,), (m["tokens"], m["perm"], m["split"]))
+    return True
+
+
 def unfold_maps_with_pixel_unshuffle(
     gm: fx.GraphModule, example_input: torch.Tensor | None = None
 ) -> fx.GraphModule:
     """A copy of ``gm`` with every unfold of a feature map into tokens (MobileViT's and
     MobileViTv2's) written with ``pixel_unshuffle`` (``gm`` itself if there is none); see the
     module docstring. A graph without shapes needs ``example_input``."""
-    patterns = ((_UNFOLD, _unfold_factor), (_UNFOLD_6D, _unfold_6d_factor))
-    if not any(True for pattern, _ in patterns for _ in match_all(gm, pattern)):
-        return gm
-    gm = copy.deepcopy(gm)
-    shapeless = any(
-        _shape(n) is None
-        for pattern, _ in patterns
-        for m in match_all(gm, pattern)
-        for n in m.values()
-    )
-    if example_input is not None and shapeless:
-        from .graph import propagate_shapes
-
-        with torch.no_grad():
-            propagate_shapes(gm, example_input)
-    graph = gm.graph
-    changed = False
-    for pattern, factor in patterns:
-        for m in list(match_all(gm, pattern)):
-            s = factor(m)
-            if s is None:
-                continue
-            _, c, height, width = _shape(m["image"])
-            p, n = s * s, (height // s) * (width // s)
-            tokens = m["tokens"]
-            with graph.inserting_before(tokens):
-                unshuffled = graph.call_function(aten.pixel_unshuffle.default, (m["image"], s))
-                grid = graph.call_function(aten.reshape.default, (unshuffled, [-1, c, p, n]))
-                new = grid
-                if pattern is _UNFOLD:  # [B, C, P, N] -> [B, P, N, C] -> [B·P, N, C]
-                    last = graph.call_function(aten.permute.default, (grid, [0, 2, 3, 1]))
-                    new = graph.call_function(aten.reshape.default, (last, [-1, n, c]))
-            meta = {k: v for k, v in tokens.meta.items() if k not in ("val", "tensor_meta")}
-            for node in (unshuffled, grid, new) + ((last,) if pattern is _UNFOLD else ()):
-                node.meta.update(meta)
-            tokens.replace_all_uses_with(new)
-            dead = ("tokens", "swap_tokens", "grid", "swap_rows", "rows")
-            if pattern is _UNFOLD_6D:
-                dead = ("tokens", "perm", "split")
-            for name in dead:
-                graph.erase_node(m[name])
-            changed = True
-    if changed:
-        graph.lint()
-        gm.recompile()
-    return gm
+    rewrites = ((_UNFOLD, _unfold_to_pixel_unshuffle), (_UNFOLD_6D, _unfold_6d_to_pixel_unshuffle))
+    return _rewrite(gm, example_input, rewrites)
