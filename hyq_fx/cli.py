@@ -200,6 +200,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             requantize=args.requantize,
             ort_contrib_ops=args.ort_contrib_ops,
             max_added_error=args.max_added_error,
+            token_layout=args.token_layout,
         )
     else:
         from .backends.tvm_relax import export_tvm
@@ -318,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
         "com.microsoft.MatMulIntegerToFloat with the bias inside (same values, faster in "
         "onnxruntime; the file then needs onnxruntime), and with --requantize auto SiLU on "
         "uint8 codes (QLinearSigmoid, QLinearMul: one more rounding) behind a requantized conv",
+    )
+    x.add_argument(
+        "--token-layout",
+        choices=("auto", "channels_first", "channels_last"),
+        default="auto",
+        help="onnx: MobileViTv2's transformer tokens channels-last, its 1x1 convs as integer "
+        "matrix products (auto: when the weights are int8, where it is faster in onnxruntime)",
     )
     x.add_argument(
         "--tune-trials",
