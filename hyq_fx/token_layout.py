@@ -80,7 +80,10 @@ def _weight_source(gm: fx.GraphModule, w: object) -> fx.Node | None:
         if len(w.users) != 1 or len(w.all_input_nodes) != 1:
             return None
         w = w.all_input_nodes[0]
-    return w if w.op == "get_attr" and len(w.users) == 1 else None
+    if w.op != "get_attr" or len(w.users) != 1:
+        return None
+    readers = [n for n in w.graph.nodes if n.op == "get_attr" and n.target == w.target]
+    return w if len(readers) == 1 else None  # the tensor is reshaped for this conv alone
 
 
 def _pointwise_conv(gm: fx.GraphModule, n: fx.Node) -> bool:
