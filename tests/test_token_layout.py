@@ -14,7 +14,12 @@ from onnx import numpy_helper
 from torch import nn
 
 import hyq_fx
-from hyq_fx.backends.onnx_qdq import OnnxRunner, _broadcast_source, export_onnx_qdq
+from hyq_fx.backends.onnx_qdq import (
+    ExportError,
+    OnnxRunner,
+    _broadcast_source,
+    export_onnx_qdq,
+)
 from hyq_fx.lowering import fold_tokens_with_pixel_shuffle, unfold_maps_with_pixel_unshuffle
 from hyq_fx.quantize import quantizers_mode
 from hyq_fx.token_layout import tokens_channels_last
@@ -98,6 +103,8 @@ def test_onnx_int8_transformer_matmuls_read_codes(v2, tmp_path):
         layout: export_onnx_qdq(qgm, tmp_path / f"{layout}.onnx", x[:2], token_layout=layout)
         for layout in ("auto", "channels_first")
     }
+    with pytest.raises(ExportError, match="token_layout='nchw'; use one of"):
+        export_onnx_qdq(qgm, tmp_path / "bad.onnx", x[:2], token_layout="nchw")
     files = {k: onnx.load(str(p)) for k, p in paths.items()}
     convs = {k: sum(n.op_type == "Conv" for n in m.graph.node) for k, m in files.items()}
     assert convs["auto"] == convs["channels_first"] - 36
