@@ -20,8 +20,9 @@ The weights are packed at build time (``Wp`` / ``Bp``: the 16 output channels ×
 elements of one instruction are 64 contiguous bytes; the reduction is zero-padded to a multiple
 of 4) and the activation is shifted and, for conv2d, moved channels-last inside the same
 kernel. The int32 result is exactly the one of the int8 × int8 kernel, so the requantizing
-epilogue is unchanged. Calls whose output channels are not a multiple of 16, grouped
-(depthwise) convolutions and matmuls of two activations are left as they are.
+epilogue is unchanged. Output channels are zero-padded to a multiple of 16 in the packed
+weight and dropped by the kernel's last stage. Grouped (depthwise) convolutions and matmuls of
+two activations are left as they are.
 
 TVM 0.27's own VNNI tensor intrinsic (``dot_16x4_vnni``) declares ``vpdpbusd`` with int32
 vector operands, which the LLVM it ships rejects ("Call parameter type does not match
@@ -98,19 +99,19 @@ def _ceil_to(n: int, m: int) -> int:
 
 
 def _pack_conv_weight(w: np.ndarray) -> np.ndarray:
-    """OIHW int8 → ``[O/16, KH, KW, ⌈C/4⌉, 16, 4]`` (reduction zero-padded)."""
+    """OIHW int8 → ``[⌈O/16⌉, KH, KW, ⌈C/4⌉, 16, 4]`` (zero-padded)."""
     o, c, kh, kw = w.shape
-    cp = _ceil_to(c, _DEPTH)
-    w = np.pad(w, [(0, 0), (0, cp - c), (0, 0), (0, 0)])
-    w = w.reshape(o // _LANES, _LANES, cp // _DEPTH, _DEPTH, kh, kw)
+    op, cp = _ceil_to(o, _LANES), _ceil_to(c, _DEPTH)
+    w = np.pad(w, [(0, op - o), (0, cp - c), (0, 0), (0, 0)])
+    w = w.reshape(op // _LANES, _LANES, cp // _DEPTH, _DEPTH, kh, kw)
     return np.ascontiguousarray(w.transpose(0, 4, 5, 2, 1, 3))
 
 
 def _pack_matmul_weight(b: np.ndarray) -> np.ndarray:
-    """``[K, N]`` int8 → ``[N/16, ⌈K/4⌉, 16, 4]`` (reduction zero-padded)."""
+    """``[K, N]`` int8 → ``[⌈N/16⌉, ⌈K/4⌉, 16, 4]`` (zero-padded)."""
     k, n = b.shape
-    kp = _ceil_to(k, _DEPTH)
-    b = np.pad(b, [(0, kp - k), (0, 0)]).reshape(kp // _DEPTH, _DEPTH, n // _LANES, _LANES)
+    kp, np_ = _ceil_to(k, _DEPTH), _ceil_to(n, _LANES)
+    b = np.pad(b, [(0, kp - k), (0, np_ - n)]).reshape(kp // _DEPTH, _DEPTH, np_ // _LANES, _LANES)
     return np.ascontiguousarray(b.transpose(2, 0, 3, 1))
 
 
@@ -124,7 +125,9 @@ def _shifted(value: Any) -> Any:
 _OWN_STAGE = {"meta_schedule.inline_rule": "disable"}
 
 
-def _conv2d_te(x: Any, wp: Any, strides: tuple, padding: tuple, dilation: tuple) -> Any:
+def _conv2d_te(
+    x: Any, wp: Any, strides: tuple, padding: tuple, dilation: tuple, out_channels: int
+) -> Any:
     """NCHW int8 input, packed weight → NCHW int32 (see the module docstring)."""
     from tvm import te, tirx
 
@@ -157,10 +160,11 @@ def _conv2d_te(x: Any, wp: Any, strides: tuple, padding: tuple, dilation: tuple)
     )  # channels last: one vpdpbusd writes 16 neighbouring output channels
     # NCHW out as the last stage of the same kernel: TVM's pattern analysis still finds the
     # kernel out-elementwise-fusable, so the requantizing epilogue fuses into it
-    return te.compute((n, og * _LANES, oh, ow), lambda b, o, i, j: acc[b, i, j, o], name="nchw")
+    # (the padded output channels are dropped there too)
+    return te.compute((n, out_channels, oh, ow), lambda b, o, i, j: acc[b, i, j, o], name="nchw")
 
 
-def _matmul_te(a: Any, bp: Any) -> Any:
+def _matmul_te(a: Any, bp: Any, out_features: int) -> Any:
     """``[..., M, K]`` int8 activation, packed weight → ``[..., M, N]`` int32."""
     from tvm import te, tirx
 
@@ -175,7 +179,7 @@ def _matmul_te(a: Any, bp: Any) -> Any:
 
     au = te.compute((*shape[:-1], kp), pack, name="vnni_activation", attrs=_OWN_STAGE)
     rk = te.reduce_axis((0, kp), "rk")
-    return te.compute(
+    acc = te.compute(
         (*shape[:-1], int(bp.shape[0]) * _LANES),
         lambda *idx: te.sum(
             au[(*idx[:-1], rk)].astype("int32")
@@ -183,6 +187,11 @@ def _matmul_te(a: Any, bp: Any) -> Any:
             axis=rk,
         ),
         name="vnni_matmul",
+    )
+    if out_features == int(acc.shape[-1]):
+        return acc
+    return te.compute(  # drop the padded output features
+        (*shape[:-1], out_features), lambda *idx: acc[idx], name="vnni_features"
     )
 
 
@@ -240,7 +249,6 @@ def UseVnniKernels(counts: dict[str, int] | None = None) -> Any:  # noqa: N802
                 or int(attrs.groups) != 1
                 or str(attrs.out_dtype) != "int32"
                 or not (_is_int8(x) and weight.dtype == np.int8)
-                or weight.shape[0] % _LANES
                 or not _static_except_batch(x, ndim=4)
             ):
                 return None
@@ -248,7 +256,8 @@ def UseVnniKernels(counts: dict[str, int] | None = None) -> Any:  # noqa: N802
             acc = self.builder_.call_te(
                 _conv2d_te, x, packed,
                 tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
-                tuple(int(d) for d in attrs.dilation), primfunc_name_hint="vnni_conv2d",
+                tuple(int(d) for d in attrs.dilation), weight.shape[0],
+                primfunc_name_hint="vnni_conv2d",
             )  # fmt: skip
             wsum = weight.astype(np.int64).sum(axis=(1, 2, 3)).reshape(1, -1, 1, 1)
             self.done["conv2d"] += 1
@@ -263,14 +272,15 @@ def UseVnniKernels(counts: dict[str, int] | None = None) -> Any:  # noqa: N802
                 or weight.dtype != np.int8
                 or not _is_int8(a)
                 or str(call.attrs.out_dtype) != "int32"
-                or weight.shape[1] % _LANES
                 or shape is None
                 or len(shape) < 2
                 or shape[-1] != weight.shape[0]
             ):
                 return None
             packed = relax.const(_pack_matmul_weight(weight))
-            acc = self.builder_.call_te(_matmul_te, a, packed, primfunc_name_hint="vnni_matmul")
+            acc = self.builder_.call_te(
+                _matmul_te, a, packed, weight.shape[1], primfunc_name_hint="vnni_matmul"
+            )
             wsum = weight.astype(np.int64).sum(axis=0)
             self.done["matmul"] += 1
             return relax.op.subtract(acc, relax.const((_SHIFT * wsum).astype(np.int32)))

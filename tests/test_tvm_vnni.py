@@ -2,8 +2,8 @@
 
 * ``UseVnniKernels`` is exact: the rewritten conv2d / matmul give the same int32 results as the
   int8 × int8 kernels (padding, stride, dilation, 3 input channels, a reduction that is not a
-  multiple of 4, a symbolic batch), and it leaves alone what it cannot pack (grouped conv,
-  output channels not a multiple of 16, a matmul of two activations);
+  multiple of 4, output channels that are not a multiple of 16, a symbolic batch), and it leaves
+  alone what it cannot pack (grouped conv, a matmul of two activations);
 * the registered ``dot_16x4_vnni`` intrinsic builds (TVM 0.27's own does not, with its LLVM) and
   emits ``vpdpbusd``; on a CPU with VNNI the tensorized kernel matches numpy;
 * ``build_tvm`` applies it for a VNNI CPU only, and the library still matches the fake-quant
@@ -58,9 +58,12 @@ def test_rewrite_is_exact_and_leaves_what_it_cannot_pack():
                 conv(h, c(_int8(rng, 32, 16, 1, 1)), out_dtype="int32"),
                 conv(h, c(_int8(rng, 16, 16, 3, 3)), padding=2, dilation=2, out_dtype="int32"),
                 relax.op.matmul(t, c(_int8(rng, 30, 32)), out_dtype="int32"),  # K = 30
-                # left alone: depthwise, 8 output channels, two activations
-                conv(h, c(_int8(rng, 16, 1, 3, 3)), padding=1, groups=16, out_dtype="int32"),
+                # output channels padded to 16 / 32 in the packed weight, then dropped
                 conv(h, c(_int8(rng, 8, 16, 1, 1)), out_dtype="int32"),
+                conv(x, c(_int8(rng, 19, 3, 3, 3)), padding=1, out_dtype="int32"),
+                relax.op.matmul(t, c(_int8(rng, 30, 10)), out_dtype="int32"),
+                # left alone: depthwise, two activations
+                conv(h, c(_int8(rng, 16, 1, 3, 3)), padding=1, groups=16, out_dtype="int32"),
                 relax.op.matmul(t, relax.op.permute_dims(t, [0, 2, 1]), out_dtype="int32"),
             ]
             out = bb.emit_output(relax.Tuple([bb.emit(o) for o in outs]))
@@ -68,8 +71,8 @@ def test_rewrite_is_exact_and_leaves_what_it_cannot_pack():
     mod = bb.get()
     counts: dict[str, int] = {}
     packed = tvm_vnni.UseVnniKernels(counts)(mod)
-    assert counts == {"conv2d": 3, "matmul": 1}
-    assert packed.script().count("R.nn.conv2d(") == 2 and packed.script().count("R.matmul(") == 1
+    assert counts == {"conv2d": 5, "matmul": 2}
+    assert packed.script().count("R.nn.conv2d(") == 1 and packed.script().count("R.matmul(") == 1
     args = [_int8(rng, 2, 3, 11, 11), _int8(rng, 2, 16, 6, 6), _int8(rng, 2, 5, 30)]
     results = []
     for m in (mod, packed):
@@ -87,7 +90,7 @@ def test_vnni_intrinsic_builds_vpdpbusd_and_matches():
     a_np, b_np = _int8(rng, 8, 64), _int8(rng, 64, 32)
     a = te.placeholder((8, 64), "int8", name="a")
     bp = te.placeholder((2, 16, 16, 4), "int8", name="bp")
-    out = tvm_vnni._matmul_te(a, bp)
+    out = tvm_vnni._matmul_te(a, bp, 32)
     sch = s_tir.Schedule(te.create_prim_func([a, bp, out]))
     block = sch.get_sblock("vnni_matmul")
     m, j, k = sch.get_loops(block)
