@@ -1125,7 +1125,8 @@ def export_tvm(
     What ``hyq-fx export OUT --to tvm --target TARGET`` runs (TARGET: llvm, aarch64, cuda);
     ``options`` go to :func:`build_tvm` (``integer``, ``dynamic_batch``, ``mcpu``,
     ``tune_trials``, ``tuning_dir``, ``tune_ops``, ``vnni``). ``batch`` (an option here) sets
-    the example batch size; with ``tune_trials`` the library is then built for that batch only.
+    the example batch size; with ``tune_trials`` (0 included: apply the database beside the
+    library without searching) the library is then built for that batch only.
     """
     from hyq_fx.artifact import is_artifact, load
     from hyq_fx.quantize import META_KEY
@@ -1142,7 +1143,9 @@ def export_tvm(
     batch = int(options.pop("batch", 1))
     if batch < 1:
         raise TvmBackendError(f"batch must be >= 1, got {batch}")
-    if options.get("tune_trials"):
+    if options.get("tune_trials") is None:
+        options.pop("tune_trials", None)  # no tuning asked for: one library for any batch
+    else:  # a tuning database applies to static shapes only
         options.setdefault("dynamic_batch", False)
     example = torch.zeros(batch, *shape)
     name = _target_name(make_target(target, mcpu=options.get("mcpu")))

@@ -330,9 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--tune-trials",
         type=int,
-        default=0,
+        default=None,
         help="tvm llvm: MetaSchedule trials on this CPU (database in OUT/model.llvm.tuning; "
-        "builds for --batch only)",
+        "builds for --batch only; 0 applies that database without searching)",
     )
     x.add_argument(
         "--tune-ops",

@@ -375,6 +375,18 @@ def test_targets():
         tvm_relax.make_target("x86-gpu")
 
 
+def test_export_applies_a_database_only_when_tuning_is_asked_for(qgm, tmp_path, monkeypatch):
+    # `hyq-fx export OUT --to tvm --tune-trials 0` applies OUT/model.llvm.tuning: a database
+    # holds static-shape records, so that library is built for --batch; without the flag the
+    # library stays dynamic (any batch) and no database is read
+    hyq_fx.artifact.save(qgm, tmp_path / "q")
+    seen: list[dict] = []
+    monkeypatch.setattr(tvm_relax, "build_tvm", lambda gm, x, t, path, **kw: seen.append(kw))
+    tvm_relax.export_tvm(tmp_path / "q", "llvm", tune_trials=0, batch=2)
+    tvm_relax.export_tvm(tmp_path / "q", "llvm", tune_trials=None)
+    assert seen == [{"tune_trials": 0, "dynamic_batch": False}, {}]
+
+
 def test_metaschedule_tuning_writes_reuses_and_matches(tmp_path, monkeypatch):
     # MetaSchedule's TuneContext imports every tensor intrinsic TVM ships (CUDA's alone: 50 s
     # here); a generic llvm target tensorizes nothing, so the test skips that import
