@@ -18,6 +18,8 @@ A tiny conv + attention module keeps the TVM builds short; every invariant of
 * the aarch64 library is an aarch64 ELF (skipped without ``aarch64-linux-gnu-gcc``);
 * float32 ``exp`` built inside ``tvm_fast_exp.fast_exp`` is a polynomial (no ``llvm.exp`` call
   in the LLVM IR) within 1e-6 relative of ``numpy.exp``; outside it TVM's lowering is unchanged;
+* ``nearbyint`` (every quantize's rounding) stays vectorized (``llvm.nearbyint.v16f32``) and
+  rounds ties to even, as ``torch.round``;
 * MetaSchedule tuning (``tune_trials``) writes its database beside the library, a rebuild
   reuses it without searching, tuning again goes to the kernels without a record first, and
   the tuned library still matches the fake-quant model.
@@ -323,6 +325,27 @@ def test_fast_exp_is_a_polynomial_within_1e6_and_only_where_asked():
             assert np.abs(got / exact - 1).max() < 1e-6
         else:
             assert np.abs(got[np.abs(xs) < 87] / exact[np.abs(xs) < 87] - 1).max() < 1e-6
+
+
+def test_nearbyint_vectorizes_and_rounds_half_to_even():
+    # every quantize's round lowers to nearbyint; TVM 0.27 left it out of the vectorizable
+    # ops, so a vectorized loop holding it became a scalar loop again
+    import numpy as np
+    from tvm import s_tir, te
+
+    import hyq_fx.backends.tvm_fast_exp  # noqa: F401 (registers the attribute)
+
+    a = te.placeholder((4096,), "float32", name="a")
+    out = te.compute(a.shape, lambda i: tvm.tirx.nearbyint(a[i]), name="rounded")
+    sch = s_tir.Schedule(te.create_prim_func([a, out]))
+    (loop,) = sch.get_loops(sch.get_sblock("rounded"))
+    sch.vectorize(sch.split(loop, [None, 16])[1])
+    lib = tvm.compile(sch.mod, tvm.target.Target(FAST_LLVM))
+    assert "llvm.nearbyint.v16f32" in lib.mod.inspect_source("ll")
+    xs = np.concatenate([np.arange(-8, 8, 0.5), np.linspace(-300, 300, 4064)]).astype("float32")
+    got = tvm.runtime.tensor(np.zeros(4096, "float32"))
+    lib["main"](tvm.runtime.tensor(xs), got)
+    assert np.array_equal(got.numpy(), np.rint(xs))  # ties to even, as torch.round
 
 
 def _tiny_conv_linear() -> torch.fx.GraphModule:
