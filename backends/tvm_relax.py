@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from hyq_fx.backends.tvm_layout import ConvertChannelsLast
 from hyq_fx.backends.tvm_tuning import TuningOptions, cpu_pipeline, tuning_target
 from hyq_fx.backends.tvm_vnni import (
     UseVnniKernels,
@@ -854,6 +855,7 @@ def build_tvm(
     tune_ops: Sequence[str] | None = ("conv2d", "matmul"),
     fast_exp: bool = True,
     vnni: bool = True,
+    channels_last: bool = True,
 ) -> Path:
     """Build ``gm`` (a hyq-fx fake-quant GraphModule) into a Relax VM shared library.
 
@@ -871,7 +873,9 @@ def build_tvm(
     float32 ``exp`` (SiLU, sigmoid, softmax) on CPU targets to a vectorizable polynomial
     (``tvm_fast_exp``, ≤ 1e-6 relative) instead of one libm call per element. ``vnni`` runs
     the int8 conv2d / matmul with constant weights as AVX-512 VNNI dot products where the
-    target CPU has them (``tvm_vnni``; same int32 results). Writes
+    target CPU has them (``tvm_vnni``; same int32 results). ``channels_last`` runs the convs
+    of CPU targets in NHWC (``tvm_layout``; exact), so that their per-channel epilogues
+    vectorize. Writes
     ``out_path`` and a ``.json`` beside it (target, input shape, op counts, build seconds, the
     model's preprocessing), each through a temporary file renamed at the end.
     """
@@ -905,6 +909,10 @@ def build_tvm(
     vnni_counts: dict[str, int] = {}
     if integer:
         mod = IntegerizeQDQ(stats)(mod)
+    channels_last = channels_last and name != "cuda"
+    if channels_last:
+        mod = ConvertChannelsLast()(mod)
+    if integer:
         if vnni and vnni_available(tvm_target):
             mod = UseVnniKernels(vnni_counts)(mod)
             if tuning is not None:  # tuning and its records tensorize with the intrinsic
@@ -929,6 +937,7 @@ def build_tvm(
             "int8_tensor_cores": bool(int8_tensor_cores and name == "cuda"),
             "fast_exp": bool(fast_exp and name != "cuda"),
             "vnni": vnni_counts or None,
+            "channels_last": channels_last,
             "dynamic_batch": dynamic_batch,
             "batch": None if dynamic_batch else int(example_input.shape[0]),
             "input_shape": list(example_input.shape[1:]),

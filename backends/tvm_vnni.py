@@ -123,22 +123,33 @@ def _shifted(value: Any) -> Any:
 # the activation stage stays a loop nest of its own: inlined into the dot product it would
 # hide the 4 contiguous bytes the intrinsic loads
 _OWN_STAGE = {"meta_schedule.inline_rule": "disable"}
+# (data, kernel, out) layouts of the conv2d calls rewritten: torch's and ConvertChannelsLast's
+_CONV_LAYOUTS = {("NCHW", "OIHW", "NCHW"), ("NHWC", "OHWI", "NHWC")}
 
 
 def _conv2d_te(
-    x: Any, wp: Any, strides: tuple, padding: tuple, dilation: tuple, out_channels: int
+    x: Any,
+    wp: Any,
+    strides: tuple,
+    padding: tuple,
+    dilation: tuple,
+    out_channels: int,
+    layout: str = "NCHW",
 ) -> Any:
-    """NCHW int8 input, packed weight → NCHW int32 (see the module docstring)."""
+    """NCHW (NHWC) int8 input, packed weight → NCHW (NHWC) int32 (see the module docstring)."""
     from tvm import te, tirx
 
-    n, (c, h, w) = x.shape[0], (int(d) for d in x.shape[1:])  # the batch may be symbolic
+    nhwc = layout == "NHWC"
+    n = x.shape[0]  # the batch may be symbolic
+    h, w, c = (int(x.shape[d]) for d in ((1, 2, 3) if nhwc else (2, 3, 1)))
     og, kh, kw, cq = (int(d) for d in wp.shape[:4])
     top, left, bottom, right = padding
     hp, wpad, cp = h + top + bottom, w + left + right, cq * _DEPTH
 
     def pack(b: Any, i: Any, j: Any, ch: Any) -> Any:
         inside = tirx.all(i >= top, i < h + top, j >= left, j < w + left, ch < c)
-        src = x[b, tirx.min(ch, c - 1), i - top, j - left]
+        cc, ii, jj = tirx.min(ch, c - 1), i - top, j - left
+        src = x[b, ii, jj, cc] if nhwc else x[b, cc, ii, jj]
         return tirx.if_then_else(inside, _shifted(src), tirx.const(_SHIFT, "uint8"))
 
     xu = te.compute((n, hp, wpad, cp), pack, name="vnni_activation", attrs=_OWN_STAGE)
@@ -158,9 +169,15 @@ def _conv2d_te(
         ),
         name="vnni_conv2d",
     )  # channels last: one vpdpbusd writes 16 neighbouring output channels
-    # NCHW out as the last stage of the same kernel: TVM's pattern analysis still finds the
-    # kernel out-elementwise-fusable, so the requantizing epilogue fuses into it
+    # the output layout as the last stage of the same kernel: TVM's pattern analysis still
+    # finds the kernel out-elementwise-fusable, so the requantizing epilogue fuses into it
     # (the padded output channels are dropped there too)
+    if nhwc:
+        if out_channels == int(acc.shape[-1]):
+            return acc
+        return te.compute(
+            (n, oh, ow, out_channels), lambda b, i, j, o: acc[b, i, j, o], name="vnni_channels"
+        )
     return te.compute((n, out_channels, oh, ow), lambda b, o, i, j: acc[b, i, j, o], name="nchw")
 
 
@@ -244,8 +261,10 @@ def UseVnniKernels(counts: dict[str, int] | None = None) -> Any:  # noqa: N802
             attrs = call.attrs
             layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
             weight = w.value.numpy()
+            if layouts == ("NHWC", "OHWI", "NHWC"):
+                weight = weight.transpose(0, 3, 1, 2)  # OIHW for packing
             if (
-                layouts != ("NCHW", "OIHW", "NCHW")
+                layouts not in _CONV_LAYOUTS
                 or int(attrs.groups) != 1
                 or str(attrs.out_dtype) != "int32"
                 or not (_is_int8(x) and weight.dtype == np.int8)
@@ -256,10 +275,11 @@ def UseVnniKernels(counts: dict[str, int] | None = None) -> Any:  # noqa: N802
             acc = self.builder_.call_te(
                 _conv2d_te, x, packed,
                 tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
-                tuple(int(d) for d in attrs.dilation), weight.shape[0],
+                tuple(int(d) for d in attrs.dilation), weight.shape[0], layouts[0],
                 primfunc_name_hint="vnni_conv2d",
             )  # fmt: skip
-            wsum = weight.astype(np.int64).sum(axis=(1, 2, 3)).reshape(1, -1, 1, 1)
+            channel_shape = (1, 1, 1, -1) if layouts[0] == "NHWC" else (1, -1, 1, 1)
+            wsum = weight.astype(np.int64).sum(axis=(1, 2, 3)).reshape(channel_shape)
             self.done["conv2d"] += 1
             return relax.op.subtract(acc, relax.const((_SHIFT * wsum).astype(np.int32)))
 

@@ -212,6 +212,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             tune_trials=args.tune_trials,
             tune_ops=args.tune_ops,
             vnni=args.vnni,
+            channels_last=args.channels_last,
         )
     _print_json({"out": str(path), "bytes": path.stat().st_size, "to": args.to})
     return 0
@@ -347,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="tvm llvm: keep int8 × int8 conv/matmul kernels on an AVX-512 VNNI CPU (default: "
         "uint8 × int8 VNNI kernels, same results; a database tuned without them needs this)",
+    )
+    x.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="tvm llvm/aarch64: keep the convs NCHW as captured (default: NHWC, so that their "
+        "per-channel epilogues vectorize; same results; a database tuned NCHW needs this)",
     )
     x.add_argument("--batch", type=int, default=1, help="tvm: batch size a tuned library runs")
     x.set_defaults(func=cmd_export)

@@ -2,7 +2,8 @@
 
 * ``UseVnniKernels`` is exact: the rewritten conv2d / matmul give the same int32 results as the
   int8 × int8 kernels (padding, stride, dilation, 3 input channels, a reduction that is not a
-  multiple of 4, output channels that are not a multiple of 16, a symbolic batch), and it leaves
+  multiple of 4, output channels that are not a multiple of 16, a symbolic batch, NCHW and
+  NHWC), and it leaves
   alone what it cannot pack (grouped conv, a matmul of two activations);
 * the registered ``dot_16x4_vnni`` intrinsic builds (TVM 0.27's own does not, with its LLVM) and
   emits ``vpdpbusd``; on a CPU with VNNI the tensorized kernel matches numpy;
@@ -49,6 +50,7 @@ def test_rewrite_is_exact_and_leaves_what_it_cannot_pack():
     x = relax.Var("x", relax.TensorType((n, 3, 11, 11), "int8"))
     h = relax.Var("h", relax.TensorType((n, 16, 6, 6), "int8"))
     t = relax.Var("t", relax.TensorType((n, 5, 30), "int8"))
+    nhwc = {"data_layout": "NHWC", "kernel_layout": "OHWI", "out_dtype": "int32"}
     bb = relax.BlockBuilder()
     with bb.function("main", [x, h, t]):
         with bb.dataflow():
@@ -62,16 +64,20 @@ def test_rewrite_is_exact_and_leaves_what_it_cannot_pack():
                 conv(h, c(_int8(rng, 8, 16, 1, 1)), out_dtype="int32"),
                 conv(x, c(_int8(rng, 19, 3, 3, 3)), padding=1, out_dtype="int32"),
                 relax.op.matmul(t, c(_int8(rng, 30, 10)), out_dtype="int32"),
+                # channels last (ConvertChannelsLast's layout), 19 channels padded to 32
+                conv(relax.op.permute_dims(x, [0, 2, 3, 1]), c(_int8(rng, 19, 3, 3, 3)), **nhwc,
+                     strides=2, padding=1),
+                conv(relax.op.permute_dims(h, [0, 2, 3, 1]), c(_int8(rng, 32, 1, 1, 16)), **nhwc),
                 # left alone: depthwise, two activations
                 conv(h, c(_int8(rng, 16, 1, 3, 3)), padding=1, groups=16, out_dtype="int32"),
                 relax.op.matmul(t, relax.op.permute_dims(t, [0, 2, 1]), out_dtype="int32"),
-            ]
+            ]  # fmt: skip
             out = bb.emit_output(relax.Tuple([bb.emit(o) for o in outs]))
         bb.emit_func_output(out)
     mod = bb.get()
     counts: dict[str, int] = {}
     packed = tvm_vnni.UseVnniKernels(counts)(mod)
-    assert counts == {"conv2d": 5, "matmul": 2}
+    assert counts == {"conv2d": 7, "matmul": 2}
     assert packed.script().count("R.nn.conv2d(") == 1 and packed.script().count("R.matmul(") == 1
     args = [_int8(rng, 2, 3, 11, 11), _int8(rng, 2, 16, 6, 6), _int8(rng, 2, 5, 30)]
     results = []
