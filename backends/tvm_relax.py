@@ -912,11 +912,10 @@ def build_tvm(
     channels_last = channels_last and name != "cuda"
     if channels_last:
         mod = ConvertChannelsLast()(mod)
-    if integer:
-        if vnni and vnni_available(tvm_target):
-            mod = UseVnniKernels(vnni_counts)(mod)
-            if tuning is not None:  # tuning and its records tensorize with the intrinsic
-                register_vnni_intrinsic()
+    if integer and vnni and vnni_available(tvm_target):
+        mod = UseVnniKernels(vnni_counts)(mod)
+        if tuning is not None:  # tuning and its records tensorize with the intrinsic
+            register_vnni_intrinsic()
     ops = count_ops(mod)
     if name == "cuda":
         pipeline = _cuda_pipeline(tvm_target, int8_tensor_cores)
