@@ -24,13 +24,17 @@ Tuning needs static shapes (a record is keyed on the kernel's structure, shapes 
 a machine that runs the kernels: the host CPU.
 
 Source: Shao et al., "Tensor Program Optimization with Probabilistic Programs" (MetaSchedule,
-NeurIPS 2022). Invariant checked by ``tests/test_tvm_backend.py``: a tuned library writes its
-database, reuses it on rebuild without searching, and matches the fake-quant model (1e-4).
+NeurIPS 2022). Invariants checked by ``tests/test_tvm_backend.py``, with the search replaced
+by untimed records (deterministic): a tuning writes its database beside the library, a rebuild
+applies it without searching, tuning again goes to the kernels without a record, the library
+matches the fake-quant model (1e-4), and MetaSchedule's logging setup survives a second tuning
+in one process. ``benchmarks/tuning_check.py`` runs a real search.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -38,6 +42,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TuningOptions", "build_candidate", "cpu_pipeline", "tuning_target"]
+
+# MetaSchedule's logger, and the handlers its logging setup (``create_loggers``) defines on it
+_METASCHEDULE_LOGGER = "tvm.s_tir.meta_schedule"
+_METASCHEDULE_HANDLERS = (f"{_METASCHEDULE_LOGGER}.console", f"{_METASCHEDULE_LOGGER}.file")
 
 
 @dataclass
@@ -105,6 +113,26 @@ def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
         return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
+def _detach_foreign_log_handlers() -> None:
+    """Detach from MetaSchedule's logger every handler that its logging setup did not define.
+
+    Each tuning re-configures the logger ``tvm.s_tir.meta_schedule`` (MetaSchedule 0.27's
+    ``create_loggers``, through ``logging.config.dictConfig``) and lists the handlers attached
+    to it *by name*: one without a name fails the setup (``AttributeError: 'NoneType' object
+    has no attribute 'format'``), one with a name the config does not define fails it too
+    (``ValueError: Unable to configure logger``). The first setup makes that logger
+    non-propagating, and pytest attaches its unnamed capture handlers to every non-propagating
+    logger at each test phase, so a second tuning in a pytest process always failed.
+    ``dictConfig`` removes every handler of the logger before adding the configured ones, so
+    detaching the others first changes nothing else. Invariant: afterwards the logger holds
+    only handlers named ``tvm.s_tir.meta_schedule.console`` / ``.file``.
+    """
+    logger = logging.getLogger(_METASCHEDULE_LOGGER)
+    for handler in list(logger.handlers):
+        if handler.get_name() not in _METASCHEDULE_HANDLERS:
+            logger.removeHandler(handler)
+
+
 def _tune(mod: Any, target: Any, options: TuningOptions) -> None:
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
@@ -127,6 +155,7 @@ def _tune(mod: Any, target: Any, options: TuningOptions) -> None:
     # reaches keeps an unscheduled, single-threaded loop nest
     per_task = options.trials_per_task or max(1, options.trials // max(len(tasks), 1))
     cost_model = _cost_model()
+    _detach_foreign_log_handlers()  # the contexts set up MetaSchedule's logging
     contexts, weights = extracted_tasks_to_tune_contexts(tasks, str(options.work_dir), seed=0)
     start = time.perf_counter()
     ms.tune.tune_tasks(

@@ -20,14 +20,18 @@ A tiny conv + attention module keeps the TVM builds short; every invariant of
   in the LLVM IR) within 1e-6 relative of ``numpy.exp``; outside it TVM's lowering is unchanged;
 * ``nearbyint`` (every quantize's rounding) stays vectorized (``llvm.nearbyint.v16f32``) and
   rounds ties to even, as ``torch.round``;
-* MetaSchedule tuning (``tune_trials``) writes its database beside the library, a rebuild
-  reuses it without searching, tuning again goes to the kernels without a record first, and
-  the tuned library still matches the fake-quant model.
+* MetaSchedule tuning (``tune_trials``; its search replaced by untimed records, conftest's
+  ``untimed_search``) writes its database beside the library, a rebuild applies it without
+  searching, tuning again goes to the kernels without a record first, and the tuned library
+  still matches the fake-quant model; a real search is ``benchmarks/tuning_check.py``;
+* MetaSchedule's logging setup survives handlers it did not define on its logger (pytest's,
+  attached between two tunings of one process).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -410,42 +414,89 @@ def test_export_applies_a_database_only_when_tuning_is_asked_for(qgm, tmp_path, 
     assert seen == [{"tune_trials": 0, "dynamic_batch": False}, {}]
 
 
-def test_metaschedule_tuning_writes_reuses_and_matches(tmp_path, monkeypatch):
-    # MetaSchedule's TuneContext imports every tensor intrinsic TVM ships (CUDA's alone: 50 s
+def _tuning_summary(library) -> dict:
+    return json.loads(library.with_suffix(".json").read_text())["tuning"]
+
+
+def _assert_matches(gm, library, x) -> None:
+    with torch.no_grad():
+        torch.testing.assert_close(tvm_relax.TvmRunner(library)(x), gm(x), atol=1e-4, rtol=0)
+
+
+def test_metaschedule_tuning_writes_reuses_and_matches(tmp_path, monkeypatch, untimed_search):
+    # the search is replaced by untimed records (conftest's untimed_search); everything else is
+    # hyq-fx's tuning. TuneContext imports every tensor intrinsic TVM ships (CUDA's alone: 50 s
     # here); a generic llvm target tensorizes nothing, so the test skips that import
     monkeypatch.setitem(sys.modules, "tvm.s_tir.tensor_intrin", types.ModuleType("stub"))
     gm = _tiny_conv_linear()
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
     lib = tmp_path / "m.llvm.so"
     path = tvm_relax.build_tvm(gm, x, FAST_LLVM, lib, dynamic_batch=False, tune_trials=1)
-    tuning = json.loads(path.with_suffix(".json").read_text())["tuning"]
+    tuning = _tuning_summary(path)
     db = tmp_path / "m.llvm.tuning"
     assert tuning["database"] == str(db) and (db / "database_tuning_record.json").is_file()
-    assert tuning["records"] >= 1 and tuning["kernels_from_database"] >= 1
-    with torch.no_grad():
-        torch.testing.assert_close(tvm_relax.TvmRunner(path)(x), gm(x), atol=1e-4, rtol=0)
-    # a rebuild beside the database applies its records without searching again
+    # two tasks (the conv and the linear); one trial reaches the first only
+    ((conv,),) = untimed_search.visited
+    assert tuning["tasks"] == 2 and "conv2d" in conv
+    assert tuning["records"] == 1 and tuning["kernels_from_database"] == 1
+    _assert_matches(gm, path, x)
+    # a rebuild beside the database applies its record without searching again
     path = tvm_relax.build_tvm(gm, x, FAST_LLVM, lib, dynamic_batch=False)
-    again = json.loads(path.with_suffix(".json").read_text())["tuning"]
-    assert again["trials"] == 0 and again["records"] == tuning["records"]
-    assert again["kernels_from_database"] == tuning["kernels_from_database"]
-    # one trial reached the first of the two tasks only; tuning again spends its trials on the
-    # kernel without a record, and a budget of one trial per task reaches every task
-    assert tuning["tasks"] == 2 and tuning["kernels_from_database"] == 1
+    again = _tuning_summary(path)
+    assert again["trials"] == 0 and again["records"] == 1 and again["kernels_from_database"] == 1
+    assert len(untimed_search.visited) == 1
+    # tuning again spends its trials on the kernel without a record
     path = tvm_relax.build_tvm(gm, x, FAST_LLVM, lib, dynamic_batch=False, tune_trials=2)
-    more = json.loads(path.with_suffix(".json").read_text())["tuning"]
-    assert more["tasks_with_records_skipped"] == 1 and more["kernels_from_database"] == 2
+    more = _tuning_summary(path)
+    (linear,) = untimed_search.visited[-1]
+    assert "matmul" in linear and more["tasks_with_records_skipped"] == 1 and more["tasks"] == 1
+    assert more["records"] == 2 and more["kernels_from_database"] == 2
+    _assert_matches(gm, path, x)
+    # on a fresh database a budget of one trial per task reaches every task
     other = tmp_path / "fresh.llvm.so"
     path = tvm_relax.build_tvm(gm, x, FAST_LLVM, other, dynamic_batch=False, tune_trials=2)
-    assert json.loads(path.with_suffix(".json").read_text())["tuning"]["kernels_from_database"] == 2
+    assert untimed_search.visited[-1] == [conv, linear]
+    assert _tuning_summary(path)["kernels_from_database"] == 2
     with pytest.raises(ValueError, match="name none of the"):  # a typo tunes nothing silently
         tvm_relax.build_tvm(gm, x, FAST_LLVM, other, dynamic_batch=False, tune_trials=2,
                             tune_ops=["conv2dd"])  # fmt: skip
     # a dynamic-batch build of the same library ignores it; asking to tune one is a clear error
     path = tvm_relax.build_tvm(gm, x, FAST_LLVM, lib)
-    assert json.loads(path.with_suffix(".json").read_text())["tuning"] is None
+    assert _tuning_summary(path) is None
     with pytest.raises(tvm_relax.TvmBackendError, match="static shapes"):
         tvm_relax.build_tvm(gm, x, FAST_LLVM, lib, tune_trials=4)
     with pytest.raises(tvm_relax.TvmBackendError, match="host target 'llvm'"):
         tvm_relax.build_tvm(gm, x, "aarch64", tmp_path / "m.aarch64.so", tune_trials=4,
                             dynamic_batch=False)  # fmt: skip
+    assert len(untimed_search.visited) == 3  # none of the errors reached a search
+
+
+def test_metaschedule_logging_setup_survives_handlers_it_did_not_define(tmp_path):
+    # MetaSchedule's first logging setup makes its logger non-propagating; pytest then attaches
+    # its unnamed capture handlers to it at each test phase, and the next tuning's setup, which
+    # lists the logger's handlers by name, failed on them
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+
+    from hyq_fx.backends import tvm_tuning
+
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    tvm_tuning._detach_foreign_log_handlers()  # pytest's, if a test before this one tuned
+    get_loggers_from_work_dir(str(tmp_path / "first"), ["task"])
+    assert not logger.propagate
+    unnamed, foreign = logging.NullHandler(), logging.NullHandler()
+    foreign.set_name("someone.else")
+    try:
+        logger.addHandler(unnamed)
+        with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'format'"):
+            get_loggers_from_work_dir(str(tmp_path / "second"), ["task"])
+        logger.addHandler(foreign)
+        tvm_tuning._detach_foreign_log_handlers()
+        get_loggers_from_work_dir(str(tmp_path / "second"), ["task"])
+    finally:
+        logger.removeHandler(unnamed)
+        logger.removeHandler(foreign)
+    assert sorted(h.get_name() for h in logger.handlers) == [
+        "tvm.s_tir.meta_schedule.console",
+        "tvm.s_tir.meta_schedule.file",
+    ]
+    assert (tmp_path / "second" / "logs").is_dir()

@@ -9,13 +9,17 @@
   emits ``vpdpbusd``; on a CPU with VNNI the tensorized kernel matches numpy;
 * ``build_tvm`` applies it for a VNNI CPU only, and the library still matches the fake-quant
   model;
-* on a VNNI CPU, a MetaSchedule-tuned VNNI library rebuilds from its database (the records
-  replay the tensorize step by the intrinsic's name) and matches the fake-quant model.
+* a tuning database whose records tensorize with the intrinsic (committed without a search,
+  conftest's ``untimed_search``) rebuilds into a library that calls ``vpdpbusd`` (the records
+  replay the tensorize step by the intrinsic's name); on a VNNI CPU it matches the fake-quant
+  model.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -136,23 +140,50 @@ def test_build_tvm_uses_vnni_only_on_a_vnni_cpu(tmp_path):
             torch.testing.assert_close(tvm_relax.TvmRunner(path)(x), gm(x), atol=1e-4, rtol=0)
 
 
-def test_tuned_vnni_library_reuses_its_database_and_matches(tmp_path):
-    # MetaSchedule times candidates on this CPU, so the VNNI kernels must run here
-    if not _host_has_vnni():
-        pytest.skip("this CPU has no AVX-512 VNNI")
+def _tensorize_vnni_conv(sch) -> None:
+    """The VNNI conv kernel's dot product as ``dot_16x4_vnni`` calls: output channels split by
+    16, input channels by 4, that 16 × 4 block innermost and tensorized (MetaSchedule's VNNI
+    rule does the same, with tiling around it)."""
+    block = sch.get_sblock("vnni_conv2d")
+    *_, out_channel, kernel_h, kernel_w, in_channel = sch.get_loops(block)
+    out_outer, out_inner = sch.split(out_channel, [None, 16])
+    in_outer, in_inner = sch.split(in_channel, [None, 4])
+    sch.reorder(out_outer, kernel_h, kernel_w, in_outer, out_inner, in_inner)
+    sch.decompose_reduction(block, kernel_h)
+    sch.tensorize(out_inner, "dot_16x4_vnni")
+
+
+def _disassembly(library) -> str:
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump is not installed (binutils)")
+    return subprocess.run(
+        ["objdump", "-d", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_tuned_vnni_library_reuses_its_database_and_matches(tmp_path, untimed_search):
+    # records that tensorize with the intrinsic (conftest's untimed_search commits them without
+    # a search), so the library is built and replayed on any x86 CPU and run on a VNNI one
     model = nn.Sequential(nn.Conv2d(16, 32, 1), nn.SiLU(), nn.Conv2d(32, 16, 3, padding=1))
     torch.manual_seed(0)
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(4))
     gm = hyq_fx.quantize(model.eval(), x, "minmax", progress=False)
     lib = tmp_path / "m.llvm.so"
     target = {**VNNI_CPU, "num-cores": 2}
-    tvm_relax.build_tvm(gm, x, target, lib, dynamic_batch=False, tune_trials=4, tune_ops=["vnni"])
+    tvm_relax.build_tvm(gm, x, target, lib, dynamic_batch=False)
+    assert "vpdpbusd" not in _disassembly(lib)  # TVM's default schedules do not emit it
+    untimed_search.schedule = _tensorize_vnni_conv
+    tvm_relax.build_tvm(gm, x, target, lib, dynamic_batch=False, tune_trials=2, tune_ops=["vnni"])
     tuned = json.loads(lib.with_suffix(".json").read_text())
     assert tuned["vnni"] == {"conv2d": 2, "matmul": 0}
-    assert tuned["tuning"]["tasks"] == 2 and tuned["tuning"]["records"] >= 1
+    assert [len(names) for names in untimed_search.visited] == [2]
+    assert tuned["tuning"]["tasks"] == 2 and tuned["tuning"]["records"] == 2
     # the records replay the tensorize step by the intrinsic's name: a rebuild applies them
     tvm_relax.build_tvm(gm, x, target, lib, dynamic_batch=False)
     again = json.loads(lib.with_suffix(".json").read_text())["tuning"]
-    assert again["kernels_from_database"] == tuned["tuning"]["kernels_from_database"] >= 1
+    assert again["trials"] == 0 and again["kernels_from_database"] == 2
+    assert "vpdpbusd" in _disassembly(lib)
+    if not _host_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI: the tuned library is built, not run")
     with torch.no_grad():
         torch.testing.assert_close(tvm_relax.TvmRunner(lib)(x), gm(x), atol=1e-4, rtol=0)
