@@ -75,15 +75,16 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
-from hyq_fx.artifact import atomic_output_file
 from hyq_fx.lowering import (
     fold_tokens_with_pixel_shuffle,
     lower_for_export,
     unfold_maps_with_pixel_unshuffle,
 )
-from hyq_fx.quantize import quantizers_mode
+from hyq_fx.quantize import deployed_meta, input_shape, quantizers_mode
 from hyq_fx.quantizer import FakeQuantizer
 from hyq_fx.token_layout import tokens_channels_last
+
+from .onnx_file import INPUT_NAME, OUTPUT_NAME, write_model
 
 aten = torch.ops.aten
 
@@ -93,7 +94,6 @@ MIN_OPSET, MAX_OPSET = 17, 21
 REQUANTIZE = ("auto", "exact", "none")
 TOKEN_LAYOUTS = ("auto", "channels_first", "channels_last")
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 FIT_IMAGES = 16  # images of ``calib`` used to fit requantization grids
 MAX_ADDED_ERROR = 1.0  # default bound on the error a grid before a per-channel quantizer adds
 
@@ -1873,7 +1873,6 @@ def export_onnx_qdq(
         producer_name="hyq-fx",
     )
     model.ir_version = min(model.ir_version, 10)
-    meta = gm.meta.get("hyq", {})
     report = {
         **tr.report,
         "requantize": requantize,
@@ -1881,15 +1880,7 @@ def export_onnx_qdq(
         "n_weight_quantizers": len(tr.weight_q),
         "n_activation_qdq": sum(1 for n in b.nodes if n.op_type == "QuantizeLinear"),
     }
-    helper.set_model_props(
-        model, {"hyq": json.dumps(meta, default=str), "hyq_export": json.dumps(report)}
-    )
-    if check:
-        onnx.checker.check_model(model, full_check=True)
-    out = Path(path)
-    with atomic_output_file(out) as tmp:  # an interrupted export leaves no partial file
-        onnx.save(model, str(tmp))
-    return out
+    return write_model(model, path, gm, report, check=check)
 
 
 def _value_info(name: str, shape: Any) -> onnx.ValueInfoProto:
@@ -1914,20 +1905,20 @@ def export_artifact(
     token_layout: str = "auto",
 ) -> Path:
     """Export the quantized model saved in ``out_dir`` (``hyq-fx quantize --out``) to
-    ``onnx_path`` (default ``out_dir/model.qdq.onnx``); ``calib_dir``: an ImageFolder whose
-    first ``n_images`` images fit the requantization grids (recommended with ``"auto"``)."""
-    from hyq_fx.artifact import load
-    from hyq_fx.data import image_folder, preprocess_config
+    ``onnx_path`` (default ``out_dir/model.qdq.onnx``) at the input size it was quantized at;
+    ``calib_dir``: an ImageFolder whose first ``n_images`` images fit the requantization grids
+    (recommended with ``"auto"``; default: the images ``hyq-fx quantize`` kept in ``out_dir``)."""
+    from hyq_fx.artifact import load, load_fit_images
+    from hyq_fx.data import image_folder
 
     gm = load(out_dir)
-    info = gm.meta.get("hyq", {}).get("model_info", {})
-    size = preprocess_config(info)["input_size"]
-    calib = None
-    example = torch.zeros(1, *size)
+    info = deployed_meta(gm).get("model_info", {})
+    size = input_shape(gm) or (3, 224, 224)
+    calib = load_fit_images(out_dir)
     if calib_dir is not None:
         ds = image_folder(calib_dir, info, limit=n_images)
         calib = torch.stack([ds[i][0] for i in range(len(ds))])
-        example = calib[:1]
+    example = calib[:1] if calib is not None else torch.zeros(1, *size)
     path = Path(onnx_path) if onnx_path is not None else Path(out_dir) / "model.qdq.onnx"
     return export_onnx_qdq(
         gm, path, example, opset=opset, requantize=requantize, calib=calib,

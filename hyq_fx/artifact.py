@@ -14,10 +14,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
 from torch import fx
 
 from .quantize import META_KEY
 from .serialize import load_graph_module, save_graph_module
+
+FIT_IMAGES_FILE = "fit_images.safetensors"
 
 
 class OutputExistsError(FileExistsError):
@@ -35,6 +39,20 @@ def load(out_dir: str | Path) -> fx.GraphModule:
     gm, metadata = load_graph_module(out_dir)
     gm.meta[META_KEY] = metadata
     return gm.eval()
+
+
+def save_fit_images(images: torch.Tensor, out_dir: str | Path) -> Path:
+    """Keep a few preprocessed calibration images beside the model (``fit_images.safetensors``):
+    exporters that fit requantization grids read them when no calibration folder is given."""
+    path = Path(out_dir) / FIT_IMAGES_FILE
+    save_file({"images": images.detach().float().contiguous()}, str(path))
+    return path
+
+
+def load_fit_images(out_dir: str | Path) -> torch.Tensor | None:
+    """The images :func:`save_fit_images` kept in ``out_dir``, or None."""
+    path = Path(out_dir) / FIT_IMAGES_FILE
+    return load_file(str(path))["images"] if path.is_file() else None
 
 
 def is_artifact(path: str | Path) -> bool:

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 
 from . import __version__
-from .artifact import OutputExistsError, atomic_output_dir, is_artifact, load, save
+from .artifact import (
+    OutputExistsError,
+    atomic_output_dir,
+    is_artifact,
+    load,
+    save,
+    save_fit_images,
+)
 from .pass_base import QuantContext
 from .quantize import META_KEY, quantize
 from .recipes import RECIPES, RecipeError, get_recipe
@@ -109,6 +116,19 @@ def _eval(model, model_info, data, limit: int | None, progress: bool, desc: str)
     return evaluate_top1(model, make_loader(ds, batch_size=64), progress=progress, desc=desc)
 
 
+FIT_IMAGES = 16  # calibration images kept in OUT for the onnxruntime export's grids
+
+
+def _first_images(loader: Any, n: int) -> torch.Tensor:
+    images, count = [], 0
+    for batch in loader:
+        images.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        count += len(images[-1])
+        if count >= n:
+            break
+    return torch.cat(images)[:n]
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .data import image_folder, make_loader
     from .models import load_model
@@ -166,6 +186,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         report["layers"] = layer_report(qgm, first_batch)
         report["versions"] = _versions()
         save(qgm, staging)
+        save_fit_images(_first_images(calib_loader, FIT_IMAGES), staging)
         (staging / "report.json").write_text(json.dumps(report, indent=2))
         if args.report:
             from .report_md import write_report_md
@@ -185,22 +206,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+_ORT_FLAGS = ("calib", "requantize", "max_added_error", "ort_contrib_ops", "token_layout")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if not is_artifact(args.out):
         raise FileNotFoundError(
             f"{args.out} is not a quantized model directory (no graph.json); create one with "
             "`hyq-fx quantize MODEL --calib DIR --out OUT`"
         )
+    if args.to != "onnxruntime":
+        given = [f"--{f.replace('_', '-')}" for f in _ORT_FLAGS if getattr(args, f) is not None]
+        if given:
+            from .backends.onnx_qdq import ExportError
+
+            raise ExportError(
+                f"{', '.join(given)} shape the onnxruntime-tuned file: use --to onnxruntime "
+                f"(--to {args.to} writes {'a portable QDQ file' if args.to == 'onnx' else 'TVM'})"
+            )
     if args.to == "onnx":
+        from .backends.onnx_export import export_onnx_artifact
+
+        path = export_onnx_artifact(args.out)
+    elif args.to == "onnxruntime":
         from .backends.onnx_qdq import export_artifact
 
         path = export_artifact(
             args.out,
+            Path(args.out) / "model.ort.onnx",
             calib_dir=args.calib,
-            requantize=args.requantize,
-            ort_contrib_ops=args.ort_contrib_ops,
-            max_added_error=args.max_added_error,
-            token_layout=args.token_layout,
+            requantize=args.requantize or "auto",
+            ort_contrib_ops=True if args.ort_contrib_ops is None else args.ort_contrib_ops,
+            max_added_error=1.0 if args.max_added_error is None else args.max_added_error,
+            token_layout=args.token_layout or "auto",
         )
     else:
         from .backends.tvm_relax import export_tvm
@@ -293,40 +331,52 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="lower a quantized OUT dir to ONNX QDQ or a TVM library")
+    x = sub.add_parser(
+        "export",
+        help="lower a quantized OUT dir to ONNX (portable QDQ, or tuned for onnxruntime) or TVM",
+    )
     x.add_argument("out", help="a directory written by hyq-fx quantize --out")
-    x.add_argument("--to", choices=("onnx", "tvm"), required=True)
+    x.add_argument(
+        "--to",
+        choices=("onnx", "onnxruntime", "tvm"),
+        required=True,
+        help="onnx: OUT/model.qdq.onnx, standard QDQ operators only, by torch.onnx (any "
+        "runtime); onnxruntime: OUT/model.ort.onnx, requantized int8 convs (QLinearConv) and "
+        "onnxruntime's contrib ops, its fastest file; tvm: a Relax VM library (--target)",
+    )
     x.add_argument("--target", choices=("llvm", "aarch64", "cuda"), default="llvm")
-    x.add_argument("--calib", help="ImageFolder to fit ONNX requantization grids (optional)")
+    x.add_argument(
+        "--calib",
+        help="onnxruntime: ImageFolder to fit requantization grids (default: the images "
+        "hyq-fx quantize kept in OUT)",
+    )
     x.add_argument(
         "--requantize",
         choices=("none", "exact", "auto"),
-        default="none",
-        help="onnx: none = the exact fake-quant graph (default); auto = conv outputs requantized "
-        "so onnxruntime runs QLinearConv (give --calib); exact = only where that is exact",
+        help="onnxruntime: auto (default) = conv outputs requantized so onnxruntime runs "
+        "QLinearConv; exact = only where that is exact; none = the fake-quant graph as is",
     )
     x.add_argument(
         "--max-added-error",
         type=float,
-        default=1.0,
-        help="onnx, --requantize auto: requantize a conv in front of a per-channel quantizer, "
-        "or one added to a residual, only if that adds at most this fraction to the "
+        help="onnxruntime, --requantize auto: requantize a conv in front of a per-channel "
+        "quantizer, or one added to a residual, only if that adds at most this fraction to the "
         "quantizer's error (default 1.0)",
     )
     x.add_argument(
-        "--ort-contrib-ops",
-        action="store_true",
-        help="onnx: SiLU as com.microsoft.QuickGelu and linear layers as "
-        "com.microsoft.MatMulIntegerToFloat with the bias inside (same values, faster in "
-        "onnxruntime; the file then needs onnxruntime), and with --requantize auto SiLU on "
-        "uint8 codes (QLinearSigmoid, QLinearMul: one more rounding) behind a requantized conv",
+        "--no-ort-contrib-ops",
+        dest="ort_contrib_ops",
+        action="store_false",
+        default=None,
+        help="onnxruntime: keep SiLU as Sigmoid·x and linear layers as MatMul + Add (default: "
+        "com.microsoft.QuickGelu and MatMulIntegerToFloat with the bias inside, and SiLU on "
+        "uint8 codes behind a requantized conv: faster in onnxruntime)",
     )
     x.add_argument(
         "--token-layout",
         choices=("auto", "channels_first", "channels_last"),
-        default="auto",
-        help="onnx: MobileViTv2's transformer tokens channels-last, its 1x1 convs as integer "
-        "matrix products (auto: when the weights are int8, where it is faster in onnxruntime)",
+        help="onnxruntime: MobileViTv2's transformer tokens channels-last, its 1x1 convs as "
+        "integer matrix products (auto, default: when the weights are int8)",
     )
     x.add_argument(
         "--tune-trials",

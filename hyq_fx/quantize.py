@@ -109,6 +109,29 @@ def _raise_if_nonfinite(
         ) from exc
 
 
+def input_shape(gm: fx.GraphModule) -> tuple[int, ...] | None:
+    """The ``C×H×W`` (without batch) ``gm`` was quantized at: as :func:`quantize` recorded it,
+    else (a model saved before it recorded one) its preprocessing's input size."""
+    meta = gm.meta.get(META_KEY, {})
+    shape = meta.get("input_shape")
+    if not shape and meta.get("model_info"):
+        from .data import preprocess_config
+
+        shape = preprocess_config(meta["model_info"])["input_size"]
+    return tuple(int(d) for d in shape) if shape else None
+
+
+def deployed_meta(gm: fx.GraphModule) -> dict[str, Any]:
+    """``gm.meta["hyq"]`` for a deployed file: its preprocessing resizes images to the size the
+    model was quantized at (a timm model quantized at 128x128 keeps a 256x256 default cfg)."""
+    meta = dict(gm.meta.get(META_KEY, {}))
+    shape, info = input_shape(gm), meta.get("model_info")
+    if shape and info:
+        cfg = {**info.get("pretrained_cfg", {}), "input_size": list(shape)}
+        meta["model_info"] = {**info, "pretrained_cfg": cfg}
+    return meta
+
+
 def quantize(
     model: nn.Module,
     calib_data: Any,

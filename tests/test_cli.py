@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import hyq_fx
-from hyq_fx.artifact import OutputExistsError, atomic_output_dir
+from hyq_fx.artifact import OutputExistsError, atomic_output_dir, load_fit_images
 from hyq_fx.cli import main
 
 MODEL = "embedded:mobilevit_xxs.cifar10"
@@ -137,11 +137,10 @@ def test_demo_runs_data_free_and_saves(tmp_path, capsys):
     assert sum(isinstance(m, torch.nn.Module) for m in loaded.modules()) > 1
 
 
-def test_export_onnx_requantized_with_ort_contrib_ops(quantized, capsys):
+def test_export_onnxruntime_is_requantized_with_contrib_ops_by_default(quantized, capsys):
     base, out, _ = quantized
     capsys.readouterr()
-    argv = ["export", str(out), "--to", "onnx", "--calib", str(base / "calib"),
-            "--requantize", "auto", "--ort-contrib-ops"]  # fmt: skip
+    argv = ["export", str(out), "--to", "onnxruntime", "--calib", str(base / "calib")]
     assert main(argv) == 0
     path = Path(json.loads(capsys.readouterr().out)["out"])
     model = onnx.load(path)
@@ -149,6 +148,13 @@ def test_export_onnx_requantized_with_ort_contrib_ops(quantized, capsys):
     assert ("com.microsoft", "QuickGelu") in ops and ("", "Sigmoid") not in ops
     report = json.loads(next(p.value for p in model.metadata_props if p.key == "hyq_export"))
     assert len(report["requantized"]) >= 25
+    # without --calib the grids are fitted on the calibration images quantize kept in OUT
+    assert load_fit_images(out).shape == (8, 3, 128, 128)
+    assert main(["export", str(out), "--to", "onnxruntime"]) == 0
+    kept = json.loads(capsys.readouterr().out)
+    again = onnx.load(kept["out"])
+    again_report = json.loads(next(p.value for p in again.metadata_props if p.key == "hyq_export"))
+    assert len(again_report["requantized"]) >= 25
     capsys.readouterr()
     assert main([*argv, "--max-added-error", "-1"]) != 0  # a clear error, no traceback
     assert "max_added_error" in capsys.readouterr().err
