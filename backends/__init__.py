@@ -6,8 +6,16 @@
 * :mod:`hyq_fx.backends.onnx_qdq` — ONNX tuned for ONNX Runtime, translated op by op:
   requantized convs (QLinearConv), SiLU on codes, contrib ops (``export_onnx_qdq``,
   ``export_artifact``), and ``OnnxRunner``; :mod:`~hyq_fx.backends.onnx_file` holds what both
-  files share (names, metadata, the checked save).
+  files share (names, metadata, the checked save). Its steps are modules of their own:
+  ``onnx_qparams`` (quantizers in ONNX terms), ``onnx_requantize`` (requantization grids),
+  ``onnx_record`` (shapes, constants), ``onnx_translate`` with the op table ``onnx_ops`` and
+  its handlers (``onnx_ops_conv``, ``onnx_ops_math``, ``onnx_ops_shape``), ``onnx_builder``,
+  ``onnx_ort_passes`` (rewrites for ONNX Runtime) and ``onnx_runner``; ``onnx_qdq`` re-exports
+  their names.
 * :mod:`hyq_fx.backends.tvm_relax` — TVM Relax with int8 × int8 → int32 conv/matmul kernels,
-  built for llvm / aarch64 / cuda (``build_tvm``, ``export_tvm``, ``TvmRunner``); its CPU
-  pipeline and MetaSchedule tuning are in ``tvm_tuning``, its fast ``exp`` in ``tvm_fast_exp``.
+  built for llvm / aarch64 / cuda (``build_tvm``, ``export_tvm``, ``TvmRunner``): quantizers
+  lowered and imported into Relax in ``tvm_lower``, the integer rewrite ``IntegerizeQDQ`` in
+  ``tvm_integerize``, the runner and TVM's CUDA runtime in ``tvm_runner`` (all re-exported by
+  ``tvm_relax``); its CPU pipeline and MetaSchedule tuning are in ``tvm_tuning``, its fast
+  ``exp`` in ``tvm_fast_exp``.
 """

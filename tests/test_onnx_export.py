@@ -1,10 +1,12 @@
 """Portable ONNX through ``torch.onnx`` (``backends/onnx_export.py``), and a fast subset of the zoo.
 
-Invariants: the file holds only standard-domain operators, int8 / uint8 weight initializers
-behind DequantizeLinear and a dynamic batch; ONNX Runtime's logits are within ``MIN_SQNR_DB`` of
-the fake-quant model at batch 1 and 8 for architectures the hand-written exporter could not
-translate (bilinear upsampling, ``aten.zeros``, a class token, ``reshape_as``); the size comes
-from the quantized graph, and a mismatching input is a clear error.
+Invariants: with every quantizer off the file computes the float graph (SQNR ≥ 80 dB: each op
+is translated exactly, up to float rounding); the file holds only standard-domain operators,
+int8 / uint8 weight initializers behind DequantizeLinear and a dynamic batch; ONNX Runtime's
+logits are within ``MIN_SQNR_DB`` of the fake-quant model at batch 1 and 8 for architectures the
+hand-written exporter could not translate (bilinear upsampling, ``aten.zeros``, a class token,
+``reshape_as``); the size comes from the quantized graph, and a mismatching input is a clear
+error.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ def test_zoo_architecture_exports_and_matches_fake_quant(name, tmp_path):
     model, info = load_model(name, pretrained=False, **ZOO_SUBSET[name])
     batches = _imagenet_batches(info, 128)  # 40 images: 20 settle, 10 calibrate, 8 compare
     model = settle_batchnorm(model, batches[:2])
-    row = check_deploy(model, batches[2:3], batches[3][:8], tmp_path, backends=("onnx",))
+    backends = ("onnx", "onnx_fp32")
+    row = check_deploy(model, batches[2:3], batches[3][:8], tmp_path, backends=backends)
     assert "error" not in row["onnx"], row["onnx"]
     assert row["onnx"]["sqnr_b1_db"] >= MIN_SQNR_DB and row["onnx"]["sqnr_bn_db"] >= MIN_SQNR_DB
+    assert row["onnx_fp32"]["sqnr_db"] >= 80  # every op translated exactly, up to float rounding
 
 
 @pytest.fixture(scope="module")
