@@ -18,4 +18,7 @@
   ``tvm_integerize``, the runner and TVM's CUDA runtime in ``tvm_runner`` (all re-exported by
   ``tvm_relax``); its CPU pipeline and MetaSchedule tuning are in ``tvm_tuning``, its fast
   ``exp`` in ``tvm_fast_exp``.
+* :mod:`hyq_fx.backends.tvm_deploy` — aarch64 libraries without an ARM machine: a C++ Relax VM
+  runner (``deploy/relax_vm_runner.cc``) cross-built against TVM's aarch64 runtime, run under
+  ``qemu-aarch64`` (``run_aarch64``), and a folder for a board (``write_bundle``).
 """

@@ -215,6 +215,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{args.out} is not a quantized model directory (no graph.json); create one with "
             "`hyq-fx quantize MODEL --calib DIR --out OUT`"
         )
+    if args.bundle and not (args.to == "tvm" and args.target == "aarch64"):
+        from .backends.tvm_relax import TvmBackendError
+
+        raise TvmBackendError("--bundle goes with --to tvm --target aarch64")
     if args.to != "onnxruntime":
         given = [f"--{f.replace('_', '-')}" for f in _ORT_FLAGS if getattr(args, f) is not None]
         if given:
@@ -252,6 +256,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             vnni=args.vnni,
             channels_last=args.channels_last,
         )
+        if args.bundle:
+            from .backends.tvm_deploy import write_bundle
+
+            write_bundle(path, args.bundle)
     _print_json({"out": str(path), "bytes": path.stat().st_size, "to": args.to})
     return 0
 
@@ -407,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
         "per-channel epilogues vectorize; same results; a database tuned NCHW needs this)",
     )
     x.add_argument("--batch", type=int, default=1, help="tvm: batch size a tuned library runs")
+    x.add_argument(
+        "--bundle",
+        metavar="DIR",
+        help="tvm --target aarch64: also write DIR for an ARM Linux board: the library, a C++ "
+        "runner (source, Makefile, prebuilt), TVM's aarch64 runtime and a README",
+    )
     x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="norm variants, conv→transformer transitions, op counts")
