@@ -98,10 +98,11 @@ def _scheduled_kernels(mod: Any) -> tuple[int, int]:
 def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
     """MetaSchedule's default candidate build without its ``import tvm.s_tir.tensor_intrin``.
 
-    That import parses every tensor intrinsic TVM ships (CUDA, ARM, Hexagon, ...): 90 s on a
-    2-core CPU, paid by every build worker, and MetaSchedule starts new workers for each batch
-    of candidates, so every build timed out. The candidates arrive already scheduled (any
-    tensorization was done in the tuning process), so building them needs no intrinsic table.
+    That import parses every tensor intrinsic TVM ships (CUDA, ARM, Hexagon, ...): 27-90 s on a
+    2-core CPU (CUDA's are most of it), paid by every build worker, and MetaSchedule starts new
+    workers for each batch of candidates, so every build timed out. The candidates arrive
+    already scheduled (any tensorization was done in the tuning process), so building them
+    needs no intrinsic table.
     Candidates get ``build_tvm``'s fast ``exp`` lowering, so they are timed as they will run.
     """
     from tvm.driver import build

@@ -12,8 +12,9 @@ difference to the fake-quant model, and checks what ``backends/tvm_tuning.py`` p
 * the rebuild (no search) schedules the same kernels from the same records;
 * both libraries match the fake-quant model (max |Δ logit| ≤ 1e-4).
 
-On a CPU with AVX-512 VNNI the int8 kernels are VNNI kernels (TVM's whole tensor-intrinsic
-table is imported first: about a minute on 2 cores); ``--no-vnni`` tunes TVM's own kernels.
+On a CPU with AVX-512 VNNI the int8 kernels are VNNI kernels; ``--no-vnni`` tunes TVM's own
+kernels. Either way MetaSchedule's ``TuneContext`` imports TVM's whole tensor-intrinsic table
+first (27-69 s on 2 cores).
 Writes ``benchmarks/results/tuning_check.{json,md}`` (``--out``) and exits 1 if a check fails.
 
     python benchmarks/tuning_check.py --trials 8

@@ -6,7 +6,7 @@ Only the fastest record of each kernel is ever applied, so ``pack`` keeps that o
 both files (about 2 MB for the v2 seed: 206 kernels, both conv layouts). It reads the JSON
 lines itself rather than through MetaSchedule's ``Database.dump_pruned``: loading a database
 replays every record's trace, which for the VNNI kernels needs ``register_vnni_intrinsic``
-(TVM's whole intrinsic table, ~1 minute) first.
+first.
 ``unpack`` writes them back as a database directory, e.g. the default one beside a library
 (``OUT/model.llvm.tuning``), which ``hyq-fx export OUT --to tvm --batch 1 --tune-trials 0``
 then applies, and a later ``--tune-trials N`` resumes from.

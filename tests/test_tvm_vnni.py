@@ -7,6 +7,8 @@
   alone what it cannot pack (grouped conv, a matmul of two activations);
 * the registered ``dot_16x4_vnni`` intrinsic builds (TVM 0.27's own does not, with its LLVM) and
   emits ``vpdpbusd``; on a CPU with VNNI the tensorized kernel matches numpy;
+* registering it loads TVM's x86 intrinsics only, not its whole intrinsic package, and the
+  registered ``dot_16x4_vnni`` is ours whether that package is imported after it or before;
 * ``build_tvm`` applies it for a VNNI CPU only, and the library still matches the fake-quant
   model;
 * a tuning database whose records tensorize with the intrinsic (committed without a search,
@@ -20,6 +22,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -121,6 +125,44 @@ def test_vnni_intrinsic_builds_vpdpbusd_and_matches():
     assert np.array_equal(tensors[2].numpy(), ref)
 
 
+# run in a fresh process: the intrinsic registry and the module cache are per process. The
+# intrinsics of the other targets are stubbed (their import is the slow part, and none of them
+# touches dot_16x4_vnni); the package's __init__ and its x86 module run for real
+_REGISTRATION_ORDER = """
+import importlib.util, sys, types
+import tvm, tvm_ffi
+from tvm.s_tir import TensorIntrin
+
+spec = importlib.util.spec_from_file_location("tvm_vnni", sys.argv[2])  # without torch and timm
+tvm_vnni = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tvm_vnni)
+for name in ("cuda", "arm_cpu", "rocm", "hexagon", "riscv_cpu"):
+    sys.modules["tvm.s_tir.tensor_intrin." + name] = types.ModuleType(name)
+if sys.argv[1] == "ours_first":
+    tvm_vnni.register_vnni_intrinsic()
+    assert "tvm.s_tir.tensor_intrin" not in sys.modules, "the registration imported the package"
+    import tvm.s_tir.tensor_intrin as package  # as MetaSchedule's TuneContext does
+else:
+    import tvm.s_tir.tensor_intrin as package
+    tvm_vnni.register_vnni_intrinsic()
+assert package.__file__.endswith("__init__.py") and "x86" in vars(package)
+registered = TensorIntrin.get("dot_16x4_vnni").impl
+assert tvm_ffi.structural_equal(registered, tvm_vnni._vpdpbusd_16x4()), "not ours"
+assert not tvm_ffi.structural_equal(registered, package.x86.dot_product_16x4_u8i8i32_vnni)
+assert TensorIntrin.get("dot_16x4_avx512", allow_missing=True) is not None  # x86.py ran
+"""
+
+
+@pytest.mark.parametrize("order", ["ours_first", "package_first"])
+def test_registered_intrinsic_stays_ours_whatever_the_import_order(order):
+    proc = subprocess.run(
+        [sys.executable, "-c", _REGISTRATION_ORDER, order, tvm_vnni.__file__],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_build_tvm_uses_vnni_only_on_a_vnni_cpu(tmp_path):
     model = nn.Sequential(
         nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.SiLU(), nn.Conv2d(16, 32, 1), nn.SiLU(),
@@ -161,9 +203,12 @@ def _disassembly(library) -> str:
     ).stdout
 
 
-def test_tuned_vnni_library_reuses_its_database_and_matches(tmp_path, untimed_search):
+def test_tuned_vnni_library_reuses_its_database_and_matches(tmp_path, monkeypatch, untimed_search):
     # records that tensorize with the intrinsic (conftest's untimed_search commits them without
     # a search), so the library is built and replayed on any x86 CPU and run on a VNNI one
+    # TuneContext imports every tensor intrinsic TVM ships (27-66 s here), which the untimed
+    # search does not use; that import after the registration is checked above
+    monkeypatch.setitem(sys.modules, "tvm.s_tir.tensor_intrin", types.ModuleType("stub"))
     model = nn.Sequential(nn.Conv2d(16, 32, 1), nn.SiLU(), nn.Conv2d(32, 16, 3, padding=1))
     torch.manual_seed(0)
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(4))
