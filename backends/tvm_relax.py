@@ -90,7 +90,7 @@ from hyq_fx.backends.tvm_vnni import (
     register_vnni_intrinsic,
     vnni_available,
 )
-from hyq_fx.lowering import lower_for_export
+from hyq_fx.lowering import batch_norm_as_affine, lower_for_export
 
 __all__ = [
     "TARGETS",
@@ -285,7 +285,7 @@ def build_tvm(
         tvm_target = tuning_target(tvm_target)
     start = time.perf_counter()
     example_input = example_input.detach().float().cpu()
-    gm = lower_for_export(gm, example_input)
+    gm = batch_norm_as_affine(lower_for_export(gm, example_input), example_input)
     if integer:
         lowered, report = lower_quantizers(gm)
     else:

@@ -120,3 +120,33 @@ def test_unfolds_become_pixel_unshuffle_bit_for_bit(xxs_gm, xxs_input):
         assert _count(lowered, aten.pixel_unshuffle.default) == rewritten, module
         with torch.no_grad():
             assert torch.equal(lowered(image), module(image))
+
+
+class _LinearNorm(nn.Module):
+    """LeViT's linear + BatchNorm1d over the flattened tokens, and a conv + BatchNorm2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn2d = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.linear, self.bn1d = nn.Linear(8, 8), nn.BatchNorm1d(8, affine=False)
+        for bn in (self.bn2d, self.bn1d):
+            bn.running_mean.normal_(generator=torch.Generator().manual_seed(0))
+            bn.running_var.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
+        self.bn2d.weight.data.normal_(generator=torch.Generator().manual_seed(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.bn2d(self.conv(x)).flatten(2).transpose(1, 2)  # [B, N, C]
+        return self.bn1d(self.linear(t).flatten(0, 1)).reshape_as(t)
+
+
+def test_batch_norm_becomes_its_affine_map():
+    from hyq_fx.lowering import batch_norm_as_affine
+
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    before = hyq_fx.capture(_LinearNorm().eval(), x)
+    after = batch_norm_as_affine(before, x)
+    assert _count(before, aten.batch_norm.default) == 2  # the input graph is not changed
+    assert _count(after, aten.batch_norm.default) == 0
+    assert _count(after, aten.mul.Tensor) == 2 and _count(after, aten.add.Tensor) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(after(x), before(x), rtol=0, atol=1e-5)

@@ -500,3 +500,17 @@ def test_metaschedule_logging_setup_survives_handlers_it_did_not_define(tmp_path
         "tvm.s_tir.meta_schedule.file",
     ]
     assert (tmp_path / "second" / "logs").is_dir()
+
+
+def test_inference_batch_norm_runs_as_in_torch(tmp_path):
+    # TVM 0.27 imports aten.batch_norm as if it used the batch's statistics (3.1 off on a
+    # BatchNorm2d, LeViT at -44 dB); build_tvm writes it as its affine map first
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.BatchNorm1d(128))
+    for bn in (model[1], model[3]):
+        bn.running_mean.normal_(generator=torch.Generator().manual_seed(0))
+        bn.running_var.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    gm = hyq_fx.capture(model.eval(), x)
+    path = tvm_relax.build_tvm(gm, x, FAST_LLVM, tmp_path / "bn.llvm.so", integer=False)
+    with torch.no_grad():
+        torch.testing.assert_close(tvm_relax.TvmRunner(path)(x), gm(x), atol=1e-5, rtol=0)
