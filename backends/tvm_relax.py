@@ -16,15 +16,17 @@ Three steps, each checkable on its own, each in a module that states its equatio
 
 This module builds the library: ``build_tvm`` runs the three steps, NHWC convs on CPU targets
 (:mod:`~hyq_fx.backends.tvm_layout`), AVX-512 VNNI kernels where the CPU has them
-(:mod:`~hyq_fx.backends.tvm_vnni`), TVM's CPU pipeline and optional MetaSchedule tuning
+(:mod:`~hyq_fx.backends.tvm_vnni`), Armv8.2 ``sdot`` kernels on aarch64
+(:mod:`~hyq_fx.backends.tvm_arm_dot`), TVM's CPU pipeline and optional MetaSchedule tuning
 (:mod:`~hyq_fx.backends.tvm_tuning`) or its CUDA pipeline (``_cuda_pipeline``), and writes the
 library and its ``.json``; ``export_tvm`` does it for a saved artifact. The runner
 (``TvmRunner``, ``load_tvm``, ``is_tvm_library``, TVM's CUDA runtime) is
 :mod:`~hyq_fx.backends.tvm_runner`. The names of those modules that this module held before it
 was split are imported here, so ``hyq_fx.backends.tvm_relax.NAME`` still works.
 
-Targets: ``"llvm"`` (host CPU), ``"aarch64"`` (``llvm -mtriple=aarch64-linux-gnu +neon,+dotprod``,
-linked with ``aarch64-linux-gnu-gcc``), ``"cuda"`` (``sm_90`` with dlight GPU schedules; needs
+Targets (``TARGETS``, described in ``TARGET_DESCRIPTIONS``): ``"llvm"`` (host CPU), ``"aarch64"``
+(``llvm -mtriple=aarch64-linux-gnu +neon,+dotprod``, linked with ``aarch64-linux-gnu-gcc``),
+``"aarch64-i8mm"`` (the same with ``+i8mm``), ``"cuda"`` (``sm_90`` with dlight GPU schedules; needs
 ``nvcc`` at build time), or any ``tvm.target.Target`` / target dict. Invariant checked by
 ``tests/test_tvm_backend.py``: the Relax IR after ``IntegerizeQDQ`` holds int8 conv2d / matmul with
 int32 output and no float conv/matmul, and the built library reproduces the fake-quant model.
@@ -42,6 +44,11 @@ from typing import Any
 import torch
 from torch import fx
 
+from hyq_fx.backends.tvm_arm_dot import (
+    ScheduleArmDotKernels,
+    UseArmDotKernels,
+    arm_dot_available,
+)
 from hyq_fx.backends.tvm_integerize import (  # noqa: F401 (helpers re-exported)
     IntegerizeQDQ,
     IntegerizeStats,
@@ -94,6 +101,7 @@ from hyq_fx.lowering import batch_norm_as_affine, lower_for_export
 
 __all__ = [
     "TARGETS",
+    "TARGET_DESCRIPTIONS",
     "TvmBackendError",
     "IntegerizeQDQ",
     "TvmRunner",
@@ -116,7 +124,21 @@ TARGETS: dict[str, dict[str, Any]] = {
         "mtriple": "aarch64-linux-gnu",
         "mattr": ["+neon", "+dotprod"],
     },
+    "aarch64-i8mm": {
+        "kind": "llvm",
+        "mtriple": "aarch64-linux-gnu",
+        "mattr": ["+neon", "+dotprod", "+i8mm"],
+    },
     "cuda": {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}},
+}
+# one line per preset: the CPUs a library built for it runs on (``hyq-fx export --target``)
+TARGET_DESCRIPTIONS: dict[str, str] = {
+    "llvm": "this machine's CPU (LLVM's host detection): libraries for this CPU family",
+    "aarch64": "64-bit ARM Linux/Android, Armv8.2-A + dot product (sdot): Cortex-A55/A76 and "
+    "later, Snapdragon 845+, Graviton2+; not Cortex-A53/A72 (Raspberry Pi 3/4: SIGILL)",
+    "aarch64-i8mm": "Armv8.6-A / Armv9 with int8 matrix multiply (i8mm: smmla): Cortex-A510/"
+    "A710/X2 and later, Snapdragon 8 Gen 1+, Graviton3+; the int8 kernels are the sdot ones",
+    "cuda": "NVIDIA GPU sm_90 (H100), dlight schedules; needs nvcc at build time",
 }
 CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc"}
 # LLVM's objects carry DWARF debug info (a third of an int8 library's bytes): not shipped
@@ -243,6 +265,7 @@ def build_tvm(
     fast_exp: bool = True,
     vnni: bool = True,
     channels_last: bool = True,
+    arm_dot: bool = True,
 ) -> Path:
     """Build ``gm`` (a hyq-fx fake-quant GraphModule) into a Relax VM shared library.
 
@@ -262,7 +285,8 @@ def build_tvm(
     the int8 conv2d / matmul with constant weights as AVX-512 VNNI dot products where the
     target CPU has them (``tvm_vnni``; same int32 results). ``channels_last`` runs the convs
     of CPU targets in NHWC (``tvm_layout``; exact), so that their per-channel epilogues
-    vectorize. Writes
+    vectorize. ``arm_dot`` runs them as Armv8.2 ``sdot`` dot products with a fixed schedule
+    where the target is aarch64 with ``+dotprod`` (``tvm_arm_dot``; same int32 results). Writes
     ``out_path`` and a ``.json`` beside it (target, input shape, op counts, build seconds, the
     model's preprocessing), each through a temporary file renamed at the end.
     """
@@ -303,11 +327,16 @@ def build_tvm(
         mod = UseVnniKernels(vnni_counts)(mod)
         if tuning is not None:  # tuning and its records tensorize with the intrinsic
             register_vnni_intrinsic()
+    arm_dot_counts: dict[str, int] = {}
+    kernel_passes = []
+    if integer and arm_dot and arm_dot_available(tvm_target):
+        mod = UseArmDotKernels(arm_dot_counts)(mod)
+        kernel_passes.append(ScheduleArmDotKernels(arm_dot_counts))
     ops = count_ops(mod)
     if name == "cuda":
         pipeline = _cuda_pipeline(tvm_target, int8_tensor_cores)
     else:
-        pipeline = cpu_pipeline(tvm_target, tuning)
+        pipeline = cpu_pipeline(tvm_target, tuning, kernel_passes)
     with tvm_target, exp_lowering(fast_exp):
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
     # the library and its .json go to temporary files renamed at the end (the .json just
@@ -323,6 +352,7 @@ def build_tvm(
             "int8_tensor_cores": bool(int8_tensor_cores and name == "cuda"),
             "fast_exp": bool(fast_exp and name != "cuda"),
             "vnni": vnni_counts or None,
+            "arm_dot": arm_dot_counts or None,
             "channels_last": channels_last,
             "dynamic_batch": dynamic_batch,
             "batch": None if dynamic_batch else int(example_input.shape[0]),

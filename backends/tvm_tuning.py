@@ -37,6 +37,7 @@ import importlib.util
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,8 +197,16 @@ def _record_count(work_dir: Path) -> int:
     return sum(1 for line in records.read_text().splitlines() if line.strip())
 
 
-def cpu_pipeline(target: Any, tuning: TuningOptions | None = None) -> Any:
-    """TVM's CPU Relax pipeline (fusion included), tuning the fused kernels if ``tuning``."""
+def cpu_pipeline(
+    target: Any, tuning: TuningOptions | None = None, kernel_passes: Sequence[Any] = ()
+) -> Any:
+    """TVM's CPU Relax pipeline (fusion included), tuning the fused kernels if ``tuning``.
+
+    ``kernel_passes`` run on the module of fused kernels after legalization (and after any
+    tuning records were applied), before lowering: fixed schedules such as
+    ``tvm_arm_dot.ScheduleArmDotKernels`` (aarch64 ``sdot``), which replace a search where the
+    kernels cannot be timed.
+    """
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -221,6 +230,8 @@ def cpu_pipeline(target: Any, tuning: TuningOptions | None = None) -> Any:
                     kernels=kernels,
                     kernels_from_database=tuned,
                 )
+            if kernel_passes:
+                mod = tvm.transform.Sequential(list(kernel_passes))(mod)
             return tvm.transform.Sequential(
                 cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
             )(mod)

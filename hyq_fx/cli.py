@@ -215,7 +215,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{args.out} is not a quantized model directory (no graph.json); create one with "
             "`hyq-fx quantize MODEL --calib DIR --out OUT`"
         )
-    if args.bundle and not (args.to == "tvm" and args.target == "aarch64"):
+    if args.bundle and not (args.to == "tvm" and args.target.startswith("aarch64")):
         from .backends.tvm_relax import TvmBackendError
 
         raise TvmBackendError("--bundle goes with --to tvm --target aarch64")
@@ -352,7 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
         "runtime); onnxruntime: OUT/model.ort.onnx, requantized int8 convs (QLinearConv) and "
         "onnxruntime's contrib ops, its fastest file; tvm: a Relax VM library (--target)",
     )
-    x.add_argument("--target", choices=("llvm", "aarch64", "cuda"), default="llvm")
+    x.add_argument(
+        "--target",
+        choices=("llvm", "aarch64", "aarch64-i8mm", "cuda"),
+        default="llvm",
+        help="tvm: llvm (this CPU), aarch64 (Armv8.2 +dotprod: int8 convs/matmuls on sdot, "
+        "Cortex-A76-class phones), aarch64-i8mm (+i8mm, Armv8.6/Armv9), cuda (sm_90)",
+    )
     x.add_argument(
         "--calib",
         help="onnxruntime: ImageFolder to fit requantization grids (default: the images "
