@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import fx
 
-from .quantize import META_KEY
 from .serialize import load_graph_module, save_graph_module
+from .vocabulary import META_KEY
 
 FIT_IMAGES_FILE = "fit_images.safetensors"
 

@@ -31,6 +31,7 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .capture import MODULE_PATH, MODULE_TYPE
+from .vocabulary import LAYOUT_OP_NAMES, arg
 
 NORM_KIND = "hyq_norm_kind"
 
@@ -170,12 +171,6 @@ def _path(node: fx.Node) -> str:
 
 def _mtype(node: fx.Node) -> str:
     return node.meta.get(MODULE_TYPE, "") or ""
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def _attr_target(value: Any) -> str | None:
@@ -392,7 +387,7 @@ def _perm_dims(node: Any) -> list[int] | None:
     ):
         return None
     shape = _shape(node)
-    dims = _arg(node, 1, "dims")
+    dims = arg(node, 1, "dims")
     if shape is None or not isinstance(dims, (list, tuple)):
         return None
     return [int(d) % len(shape) for d in dims]
@@ -450,25 +445,25 @@ def _classify_norm(node: fx.Node) -> NormInfo | None:
     if name in _BN:
         info.kind = "batchnorm"
         info.channels = in_shape[1] if in_shape and len(in_shape) > 1 else None
-        info.weight = _attr_target(_arg(node, 1, "weight"))
-        info.bias = _attr_target(_arg(node, 2, "bias"))
-        info.running_mean = _attr_target(_arg(node, 3, "running_mean"))
-        info.running_var = _attr_target(_arg(node, 4, "running_var"))
+        info.weight = _attr_target(arg(node, 1, "weight"))
+        info.bias = _attr_target(arg(node, 2, "bias"))
+        info.running_mean = _attr_target(arg(node, 3, "running_mean"))
+        info.running_var = _attr_target(arg(node, 4, "running_var"))
         return info
     if name in _GN:
-        groups = _arg(node, 1, "num_groups") if name == "group_norm" else _arg(node, 6, "group")
+        groups = arg(node, 1, "num_groups") if name == "group_norm" else arg(node, 6, "group")
         info.num_groups = int(groups) if isinstance(groups, int) else None
         info.kind = "groupnorm1" if info.num_groups == 1 else "groupnorm"
         info.channels = in_shape[1] if in_shape and len(in_shape) > 1 else None
-        info.weight = _attr_target(_arg(node, 2 if name == "group_norm" else 1, "weight"))
-        info.bias = _attr_target(_arg(node, 3 if name == "group_norm" else 2, "bias"))
+        info.weight = _attr_target(arg(node, 2 if name == "group_norm" else 1, "weight"))
+        info.bias = _attr_target(arg(node, 3 if name == "group_norm" else 2, "bias"))
         return info
     if name in _LN:
-        ns = _arg(node, 1, "normalized_shape")
+        ns = arg(node, 1, "normalized_shape")
         ns = [int(s) for s in ns] if isinstance(ns, (list, tuple)) else None
         info.normalized_shape = ns
-        info.weight = _attr_target(_arg(node, 2, "weight"))
-        info.bias = _attr_target(_arg(node, 3, "bias"))
+        info.weight = _attr_target(arg(node, 2, "weight"))
+        info.bias = _attr_target(arg(node, 3, "bias"))
         info.channels = ns[-1] if ns else None
         rank = len(in_shape) if in_shape else 0
         if "LayerNorm2d" in info.module_type or _ln2d_pattern(node) is not None:
@@ -506,33 +501,6 @@ def tag_norms(gm: fx.GraphModule) -> list[NormInfo]:
 # conv ↔ transformer transitions
 # --------------------------------------------------------------------------------------------
 
-# ops that move values between positions/axes without computing: a bridge is a chain of these
-_LAYOUT = {
-    "view",
-    "reshape",
-    "_unsafe_view",
-    "reshape_as",
-    "view_as",
-    "permute",
-    "transpose",
-    "t",
-    "flatten",
-    "unflatten",
-    "unfold",
-    "im2col",
-    "col2im",
-    "squeeze",
-    "unsqueeze",
-    "movedim",
-    "swapaxes",
-    "swapdims",
-    "pixel_shuffle",
-    "pixel_unshuffle",
-    "unbind",
-    "select",
-    "channel_shuffle",
-    "native_channel_shuffle",
-}
 # spatial ops: their output is certainly an (N, C, H, W) feature map
 _POOL = {
     "avg_pool2d",
@@ -551,7 +519,7 @@ _MATMUL = {"matmul", "bmm", "einsum", "baddbmm"}
 
 
 def _is_layout(node: fx.Node) -> bool:
-    return node.op == "call_function" and op_name(node.target) in _LAYOUT
+    return node.op == "call_function" and op_name(node.target) in LAYOUT_OP_NAMES
 
 
 def _is_attention(node: fx.Node, act: set[fx.Node] | None = None) -> bool:
@@ -580,8 +548,8 @@ def _is_spatial_anchor(node: fx.Node) -> bool:
     if in_shape is None or len(in_shape) != 4:
         return False
     if name in _CONV:
-        w_shape = _shape(_arg(node, 1, "weight"))
-        groups = _arg(node, 6, "groups", 1) if name == "conv2d" else _arg(node, 8, "groups", 1)
+        w_shape = _shape(arg(node, 1, "weight"))
+        groups = arg(node, 6, "groups", 1) if name == "conv2d" else arg(node, 8, "groups", 1)
         kernel_gt1 = w_shape is not None and any(k != 1 for k in w_shape[2:])
         return kernel_gt1 or (isinstance(groups, int) and groups > 1)
     return name in _BN or name in _POOL or name.startswith(_UPSAMPLE_PREFIX)

@@ -21,7 +21,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .quantizer import FakeQuantizer
+from .vocabulary import get_attr_tensor, owner_of, quantizers, quantizers_mode
 
 __all__ = [
     "HyqPass",
@@ -31,6 +31,7 @@ __all__ = [
     "PassError",
     "register_pass",
     "get_pass",
+    "quantizers",
 ]
 
 
@@ -121,13 +122,10 @@ def build_pass(name: str, args: dict[str, Any], ctx: QuantContext) -> HyqPass:
 
 
 def get_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    """The parameter or buffer a ``get_attr`` node reads."""
+    """The parameter or buffer a ``get_attr`` node reads; PassError for any other node."""
     if node.op != "get_attr":
         raise PassError(f"node {node.name} is not a constant (get_attr), it is {node.op}")
-    obj: Any = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return get_attr_tensor(gm, node.target)
 
 
 def _unique_attr(gm: fx.GraphModule, hint: str) -> str:
@@ -173,11 +171,10 @@ def prune_unused_attributes(gm: fx.GraphModule) -> None:
     used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        owner_of = name.rpartition(".")[0]
-        if name in used or any(owner_of == m or owner_of.startswith(m + ".") for m in modules):
+        owner_path = name.rpartition(".")[0]
+        if name in used or any(owner_path == m or owner_path.startswith(m + ".") for m in modules):
             continue  # read by a node, or a called module's own state (a quantizer's scale)
-        owner_path, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner, attr = owner_of(gm, name)
         owner._parameters.pop(attr, None)
         owner._buffers.pop(attr, None)
     gm.delete_all_unused_submodules()
@@ -213,8 +210,6 @@ def holdout_images(batches: list[torch.Tensor], skip: int, n: int) -> torch.Tens
 def float_outputs(gm: fx.GraphModule, images: torch.Tensor) -> list[torch.Tensor]:
     """``gm``'s outputs with every quantizer off, per batch of 32 (the reference of
     :func:`output_kl` for a pass that changes float parameters, e.g. biases)."""
-    from .quantize import quantizers_mode  # quantize imports this module
-
     with torch.no_grad(), quantizers_mode(gm, "off"):
         return [gm(batch) for batch in images.split(32)]
 
@@ -257,10 +252,6 @@ def first_images(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
         out.append(batch[: n - kept])
         kept += out[-1].shape[0]
     return out
-
-
-def quantizers(gm: fx.GraphModule) -> dict[str, FakeQuantizer]:
-    return {n: m for n, m in gm.named_modules() if isinstance(m, FakeQuantizer)}
 
 
 def run_passes(

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from .capture import capture
-from .pass_base import PassError, QuantContext, quantizers, run_passes
+from .nonfinite import NonFiniteError, first_nonfinite_node, nonfinite_message
+from .pass_base import PassError, QuantContext, run_passes
 from .recipes import Recipe, get_recipe
 from .spec import QuantSpec, QuantSpecError
+from .vocabulary import META_KEY, quantizers, quantizers_mode
 
-META_KEY = "hyq"
+# ``META_KEY`` and ``quantizers_mode`` live in :mod:`hyq_fx.vocabulary`; they stay importable
+# from here, where callers have long imported them.
+__all__ = [
+    "META_KEY",
+    "CalibrationDataError",
+    "collect_batches",
+    "deployed_meta",
+    "input_shape",
+    "quantize",
+    "quantizers_mode",
+]
 
 
 class CalibrationDataError(ValueError):
@@ -67,28 +78,12 @@ def collect_batches(
     return batches
 
 
-@contextlib.contextmanager
-def quantizers_mode(gm: fx.GraphModule, mode: str) -> Iterator[None]:
-    """Temporarily set every FakeQuantizer to ``mode`` ('off' gives the float graph)."""
-    fqs = quantizers(gm)
-    saved = {name: fq.mode for name, fq in fqs.items()}
-    for fq in fqs.values():
-        fq.mode = mode
-    try:
-        yield
-    finally:
-        for name, fq in fqs.items():
-            fq.mode = saved[name]
-
-
 def _raise_if_nonfinite(
     model: nn.Module, example: torch.Tensor, batches: list[torch.Tensor], exc: Exception
 ) -> None:
     """After a failed recipe: if the *float* model yields NaN/Inf on the calibration data,
     raise ``NonFiniteError`` naming the first node where it appears (the recipe's own error
     is then only a consequence). Only runs on the error path, so it costs nothing otherwise."""
-    from .passes.calibrate import NonFiniteError, first_nonfinite_node, nonfinite_message
-
     if isinstance(exc, NonFiniteError):
         return
     try:

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from .pass_base import record_node_outputs
-from .quantize import quantizers_mode
+from .vocabulary import quantizers_mode
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:

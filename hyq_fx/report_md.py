@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from torch import fx  # noqa: E402
 
 from .pass_base import record_node_outputs  # noqa: E402
-from .quantize import quantizers_mode  # noqa: E402
+from .vocabulary import quantizers_mode  # noqa: E402
 
 SQNR_PNG, RANGES_PNG, CONFUSION_PNG = "sqnr.png", "act_ranges.png", "confusion.png"
 

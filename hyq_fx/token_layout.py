@@ -39,7 +39,7 @@ from torch import fx, nn
 
 from .lowering import _RESHAPES, _shape
 from .patterns import is_op, match_all, wildcard
-from .quantizer import FakeQuantizer
+from .vocabulary import get_attr_tensor, is_quantizer, owner_of, quantizer_of
 
 aten = torch.ops.aten
 TO_LAST = [0, 2, 3, 1]  # [B, C, P, N] -> [B, P, N, C]
@@ -65,18 +65,12 @@ def _new_dims(dims: int | list[int]) -> int | list[int]:
     return _NEW_DIM[int(dims) % 4]
 
 
-def _owner(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str]:
-    """The module holding a get_attr's tensor, and its attribute name."""
-    path, _, name = node.target.rpartition(".")
-    return (gm.get_submodule(path) if path else gm), name
-
-
 def _weight_source(gm: fx.GraphModule, w: object) -> fx.Node | None:
     """The get_attr of a conv weight used by this conv alone, directly or through its own
     weight quantizer."""
     if not isinstance(w, fx.Node):
         return None
-    if w.op == "call_module" and isinstance(gm.get_submodule(w.target), FakeQuantizer):
+    if is_quantizer(gm, w):
         if len(w.users) != 1 or len(w.all_input_nodes) != 1:
             return None
         w = w.all_input_nodes[0]
@@ -92,9 +86,8 @@ def _pointwise_conv(gm: fx.GraphModule, n: fx.Node) -> bool:
     src = _weight_source(gm, w)
     if src is None or n.kwargs:
         return False
-    module, name = _owner(gm, src)
     return (
-        tuple(getattr(module, name).shape[2:]) == (1, 1)
+        tuple(get_attr_tensor(gm, src.target).shape[2:]) == (1, 1)
         and all(int(v) == 1 for v in (stride or [1]))
         and all(int(v) == 0 for v in (padding or [0]))
         and all(int(v) == 1 for v in (dilation or [1]))
@@ -107,8 +100,8 @@ def _joins(gm: fx.GraphModule, n: fx.Node, region: set[fx.Node]) -> bool:
     if not n.args or not isinstance(n.args[0], fx.Node) or n.args[0] not in region:
         return False
     if n.op == "call_module":
-        mod = gm.get_submodule(n.target)
-        return isinstance(mod, FakeQuantizer) and not mod.spec.per_channel
+        fq = quantizer_of(gm, n)
+        return fq is not None and not fq.spec.per_channel
     if n.op != "call_function":
         return False
     t = n.target
@@ -136,7 +129,7 @@ def _rewrite_node(gm: fx.GraphModule, graph: fx.Graph, n: fx.Node, cf_shape: lis
     if t is aten.conv2d.default:  # W[O, C, 1, 1] -> W[O, C]; its quantizer is per row
         x, w, b = (*n.args, None)[:3]
         src = _weight_source(gm, w)
-        module, name = _owner(gm, src)
+        module, name = owner_of(gm, src.target)
         old = getattr(module, name)
         flat = old.detach().reshape(old.shape[0], old.shape[1])
         if isinstance(old, nn.Parameter):

@@ -44,7 +44,7 @@ from hyq_fx.pass_base import (
     prune_unused_attributes,
     register_pass,
 )
-from hyq_fx.quantize import quantizers_mode
+from hyq_fx.vocabulary import quantizers_mode
 
 aten = torch.ops.aten
 BIASED_OPS = (aten.conv2d.default, aten.linear.default)

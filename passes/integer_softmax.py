@@ -50,6 +50,7 @@ from hyq_fx.pass_base import (
 from hyq_fx.patterns import is_op, match_all, wildcard
 from hyq_fx.quantizer import FakeQuantizer
 from hyq_fx.spec import QuantSpec
+from hyq_fx.vocabulary import owner_of, quantizer_of
 
 aten = torch.ops.aten
 
@@ -59,13 +60,6 @@ SLOPE_FRAC_BITS = 15  # the constant c·ln2 as an integer over 2^15
 MAX_OUT_BITS = 8
 
 PATTERN = is_op(aten.softmax.int)(wildcard(), wildcard(), ...).named("softmax")
-
-
-def _fq(gm: fx.GraphModule, node) -> FakeQuantizer | None:
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return mod if isinstance(mod, FakeQuantizer) else None
-    return None
 
 
 @register_pass
@@ -102,7 +96,7 @@ class IntegerSoftmax(HyqPass):
 
     def requires(self, gm: fx.GraphModule) -> None:
         needs_data = any(
-            _fq(gm, m["softmax"].args[0]) is None or not _fq(gm, m["softmax"].args[0]).calibrated
+            (fq := quantizer_of(gm, m["softmax"].args[0])) is None or not fq.calibrated
             for m in match_all(gm, PATTERN)
         )
         if needs_data and not self.ctx.calib_batches:
@@ -116,7 +110,7 @@ class IntegerSoftmax(HyqPass):
         for m in match_all(gm, PATTERN):
             sm = m["softmax"]
             src = sm.args[0]
-            fq = _fq(gm, src)
+            fq = quantizer_of(gm, src)
             if fq is not None and (fq.spec.per_channel or not fq.spec.symmetric):
                 where = f"{sm.name} ({sm.meta.get('hyq_module_path', '?')})"
                 raise PassError(
@@ -168,7 +162,7 @@ class IntegerSoftmax(HyqPass):
             copy_module_meta(sm, node)
         out.meta["hyq_int_softmax"] = {
             "bits": self.bits,
-            "input_bits": _fq(gm, fq_node).spec.bits,
+            "input_bits": quantizer_of(gm, fq_node).spec.bits,
             "slope": self.slope,
             "exp_frac_bits": EXP_FRAC_BITS,
         }
@@ -178,22 +172,22 @@ class IntegerSoftmax(HyqPass):
 
     def _reset_output_quantizers(self, gm: fx.GraphModule, out: fx.Node) -> None:
         for user in list(out.users):
-            old = _fq(gm, user)
+            old = quantizer_of(gm, user)
             if old is None or old.role != "activation" or old.spec.per_channel:
                 continue
             spec = old.spec.replace(bits=self.bits, symmetric=False)
             fq = FakeQuantizer(spec, old.observer_name, old.role)
             fq.set_qparams(torch.tensor([1.0 / (2**self.bits - 1)]), torch.zeros(1))
             fq.mode = "quantize"
-            owner, _, name = user.target.rpartition(".")
-            setattr(gm.get_submodule(owner) if owner else gm, name, fq)
+            owner, name = owner_of(gm, user.target)
+            setattr(owner, name, fq)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         pairs = self._input_quantizers(gm)
         if not pairs:
             return PassResult(gm, False)
         gm.recompile()
-        if any(not _fq(gm, fq_node).calibrated for _, fq_node in pairs):
+        if any(not quantizer_of(gm, fq_node).calibrated for _, fq_node in pairs):
             get_pass("calibrate")(self.ctx)(gm)  # sets only quantizers without a scale yet
         for sm, fq_node in pairs:
             out = self._emit(gm, sm, fq_node)

@@ -48,6 +48,7 @@ from hyq_fx.pass_base import (
 from hyq_fx.patterns import is_op, match, wildcard
 from hyq_fx.quantizer import FakeQuantizer
 from hyq_fx.spec import QuantSpec
+from hyq_fx.vocabulary import quantizer_of
 
 aten = torch.ops.aten
 
@@ -96,10 +97,8 @@ def _softmax_quantizers(gm: fx.GraphModule) -> list[tuple[fx.Node, list[fx.Node]
     """(quantizer node on a softmax output, the attention matmuls it feeds)."""
     found = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), FakeQuantizer):
-            continue
-        fq = gm.get_submodule(node.target)
-        if fq.role != "activation" or match(SOFTMAX, node.args[0]) is None:
+        fq = quantizer_of(gm, node)
+        if fq is None or fq.role != "activation" or match(SOFTMAX, node.args[0]) is None:
             continue
         users = list(node.users)
         if users and all(

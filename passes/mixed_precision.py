@@ -42,10 +42,10 @@ from torch import fx
 from hyq_fx.fake_quant import qparams_from_range
 from hyq_fx.graph import descendants
 from hyq_fx.pass_base import HyqPass, PassError, PassResult, get_tensor, quantizers, register_pass
-from hyq_fx.quantize import quantizers_mode
 from hyq_fx.quantizer import FakeQuantizer
 from hyq_fx.report import sqnr_db
 from hyq_fx.spec import MAX_BITS, MIN_BITS
+from hyq_fx.vocabulary import quantizers_mode
 
 ROLES = {"weight": ("weight",), "both": ("weight", "activation")}
 METRICS = ("sqnr", "kl")

@@ -22,29 +22,21 @@ from torch import fx
 from hyq_fx.pass_base import HyqPass, PassError, PassResult, add_module_call, register_pass
 from hyq_fx.quantizer import FakeQuantizer
 from hyq_fx.spec import QuantSpec
+from hyq_fx.vocabulary import RESHAPES_AND_COPIES, is_quantizer
 
 aten = torch.ops.aten
 
 OPS = {"layer_norm": aten.layer_norm.default, "group_norm": aten.group_norm.default}
-MOVE_OPS = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
-    aten.transpose.int, aten.contiguous.default, aten.clone.default, aten.flatten.using_ints,
-    aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim, aten.im2col.default,
-    aten.col2im.default,
-}  # fmt: skip
-
-
-def _is_fq(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), FakeQuantizer)
 
 
 def _reaches_only_quantizers(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether every path from ``node`` ends in a quantizer, through reshapes / copies only."""
     if not node.users:
         return False
     for user in node.users:
-        if _is_fq(gm, user):
+        if is_quantizer(gm, user):
             continue
-        if user.op == "call_function" and user.target in MOVE_OPS:
+        if user.op == "call_function" and user.target in RESHAPES_AND_COPIES:
             if _reaches_only_quantizers(gm, user):
                 continue
         return False
@@ -95,7 +87,7 @@ class QuantizeNorms(HyqPass):
             if norm.op != "call_function" or norm.target not in self.targets:
                 continue
             src = norm.args[0]
-            if self.inputs and isinstance(src, fx.Node) and not _is_fq(gm, src):
+            if self.inputs and isinstance(src, fx.Node) and not is_quantizer(gm, src):
                 if src not in cache:
                     cache[src] = self._new(gm, f"fq_{norm.name}_in", src)
                 norm.replace_input_with(src, cache[src])

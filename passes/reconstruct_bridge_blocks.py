@@ -37,8 +37,7 @@ from hyq_fx.pass_base import (
     record_node_outputs,
     register_pass,
 )
-from hyq_fx.quantize import quantizers_mode
-from hyq_fx.quantizer import FakeQuantizer
+from hyq_fx.vocabulary import is_quantizer, quantizer_of, quantizers_mode
 
 KINDS = ("conv->transformer", "transformer->conv")
 _SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default}
@@ -262,9 +261,7 @@ class ReconstructBridgeBlocks(HyqPass):
         fq_names = [
             n.target
             for n in block.span
-            if n.op == "call_module"
-            and isinstance(gm.get_submodule(n.target), FakeQuantizer)
-            and (self.weights or gm.get_submodule(n.target).role == "activation")
+            if is_quantizer(gm, n) and (self.weights or quantizer_of(gm, n).role == "activation")
         ]
         fqs = {n: gm.get_submodule(n) for n in fq_names if gm.get_submodule(n).mode == "quantize"}
         in_names = [n.name for n in block.inputs]

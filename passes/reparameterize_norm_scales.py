@@ -51,6 +51,7 @@ from hyq_fx.pass_base import (
 )
 from hyq_fx.patterns import is_const, is_op, match, wildcard
 from hyq_fx.spec import QuantSpec
+from hyq_fx.vocabulary import MOVES_OR_EXPANDS_VALUES, SIZE_QUERIES, arg
 
 aten = torch.ops.aten
 
@@ -58,37 +59,6 @@ NORM = is_op(aten.layer_norm.default, aten.group_norm.default)(wildcard(), ...).
 LINEAR = is_op(aten.linear.default)(wildcard(), is_const(), ...).named("consumer")
 CONV = is_op(aten.conv2d.default)(wildcard(), is_const(), ...).named("consumer")
 
-# ops that only move, copy or zero-fill values: a per-channel affine commutes with them as long
-# as the channel survives as one axis, which the index-tag probe checks
-MOVES_VALUES = {
-    aten.view.default,
-    aten.reshape.default,
-    aten._unsafe_view.default,
-    aten.permute.default,
-    aten.transpose.int,
-    aten.t.default,
-    aten.flatten.using_ints,
-    aten.unflatten.int,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.squeeze.default,
-    aten.unsqueeze.default,
-    aten.clone.default,
-    aten.contiguous.default,
-    aten.alias.default,
-    aten.expand.default,
-    aten.im2col.default,
-    aten.col2im.default,
-    aten.pixel_shuffle.default,
-    aten.pixel_unshuffle.default,
-}
-# size queries (dynamic shapes) read a tensor without using its values
-SIZE_ONLY = {
-    aten.sym_size.int,
-    aten.sym_numel.default,
-    aten.sym_stride.int,
-    aten.sym_storage_offset.default,
-}
 RANGE_FLOOR = 1e-6  # a channel's range is at least this fraction of the widest one
 
 
@@ -102,10 +72,6 @@ class _Site:
     consumers: list[fx.Node] = field(default_factory=list)
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
 def _only_data_input(user: fx.Node, src: fx.Node) -> bool:
     """``src`` is ``user``'s first argument and appears nowhere else in its arguments."""
     others: list[fx.Node] = []
@@ -115,7 +81,7 @@ def _only_data_input(user: fx.Node, src: fx.Node) -> bool:
 
 def _conv_absorbs(conv: fx.Node) -> str | None:
     """Why a conv2d cannot absorb a per-input-channel affine (None if it can)."""
-    padding = _arg(conv, 4, "padding", [0, 0])
+    padding = arg(conv, 4, "padding", [0, 0])
     padding = [padding] if isinstance(padding, int) else list(padding)
     if any(p != 0 for p in padding):
         return f"{conv.name} pads its input (padding={padding}): the shift b would not be zero"
@@ -126,7 +92,7 @@ def _channel_axis(norm: fx.Node) -> int | str:
     """The channel axis of a norm's output, or why the norm is not supported."""
     if norm.target is aten.group_norm.default:
         return 1
-    shape = _arg(norm, 1, "normalized_shape")
+    shape = arg(norm, 1, "normalized_shape")
     if not isinstance(shape, (list, tuple)) or len(shape) != 1:
         return f"layer_norm over {shape} (several dims): its affine is not per channel"
     return -1
@@ -220,7 +186,7 @@ class ReparameterizeNormScales(HyqPass):
         if isinstance(axis, str):
             return axis
         for index, name in ((2, "weight"), (3, "bias")):
-            value = _arg(norm, index, name)
+            value = arg(norm, index, name)
             if value is not None and not (isinstance(value, fx.Node) and value.op == "get_attr"):
                 return f"its {name} is computed in the graph, not a constant"
         site = _Site(norm, axis)
@@ -228,11 +194,13 @@ class ReparameterizeNormScales(HyqPass):
         while frontier:
             src = frontier.pop()
             for user in src.users:
-                if user.op == "call_function" and user.target in SIZE_ONLY:
+                if user.op == "call_function" and user.target in SIZE_QUERIES:
                     continue
                 if not _only_data_input(user, src):
                     return f"{user.name} ({user.target}) reads it other than as its data input"
-                if user.op == "call_function" and user.target in MOVES_VALUES:
+                # a per-channel affine commutes with ops that only move, copy or expand values
+                # as long as the channel survives as one axis, which the index-tag probe checks
+                if user.op == "call_function" and user.target in MOVES_OR_EXPANDS_VALUES:
                     if user not in site.chain:
                         site.chain.append(user)
                         frontier.append(user)
@@ -277,7 +245,7 @@ class ReparameterizeNormScales(HyqPass):
         t = (lo.double() / r).mean()
         b = lo.double() - r * t
         channels = r.numel()
-        weight, bias = _arg(norm, 2, "weight"), _arg(norm, 3, "bias")
+        weight, bias = arg(norm, 2, "weight"), arg(norm, 3, "bias")
         ref = get_tensor(gm, weight) if weight is not None else None
         dtype = ref.dtype if ref is not None else torch.float32
         gamma = ref.double() if ref is not None else torch.ones(channels, dtype=torch.float64)
@@ -306,7 +274,7 @@ class ReparameterizeNormScales(HyqPass):
                 shift = shift.reshape(*shift.shape, *([1] * (w.dim() - 2)))
             new_w = w64 * scale
             delta = (w64 * shift).flatten(1).sum(1)
-            bias_node = _arg(consumer, 2, "bias")
+            bias_node = arg(consumer, 2, "bias")
             old_bias = (
                 get_tensor(gm, bias_node).double()
                 if bias_node is not None

@@ -65,8 +65,8 @@ from hyq_fx.pass_base import (
     prune_unused_attributes,
     register_pass,
 )
-from hyq_fx.quantize import quantizers_mode
 from hyq_fx.quantizer import FakeQuantizer
+from hyq_fx.vocabulary import quantizer_of, quantizers_mode
 
 aten = torch.ops.aten
 WEIGHTED_OPS = (aten.conv2d.default, aten.linear.default)
@@ -288,11 +288,9 @@ class RoundWeightsGPTQ(HyqPass):
             if op.op != "call_function" or op.target not in WEIGHTED_OPS or len(op.args) < 2:
                 continue
             fq = op.args[1]
-            if not (isinstance(fq, fx.Node) and fq.op == "call_module"):
-                continue
-            mod = gm.get_submodule(fq.target)
+            mod = quantizer_of(gm, fq)
             if (
-                isinstance(mod, FakeQuantizer)
+                mod is not None
                 and mod.role == "weight"
                 and mod.spec.symmetric
                 and (mod.spec.per_channel is False or mod.spec.axis == 0)

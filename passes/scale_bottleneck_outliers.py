@@ -65,8 +65,8 @@ from hyq_fx.pass_base import (
     register_pass,
 )
 from hyq_fx.patterns import is_op, match_all, wildcard
-from hyq_fx.quantize import quantizers_mode
 from hyq_fx.quantizer import FakeQuantizer
+from hyq_fx.vocabulary import MOVES_VALUES, arg, owner_of, quantizer_of, quantizers_mode
 
 aten = torch.ops.aten
 
@@ -79,14 +79,6 @@ INIT_POWERS = (0.0, 0.25, 0.5, 0.75, 1.0)  # starting points α = a^t (see learn
 LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))  # α ∈ [0.01, 100]
 CONSUMER = is_op(*OPS.values())(wildcard(), wildcard(), ...).named("op")
 
-# ops that only move values (no arithmetic, no channel mixing): x/α passes through them
-MOVE_OPS = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
-    aten.transpose.int, aten.contiguous.default, aten.clone.default, aten.alias.default,
-    aten.flatten.using_ints, aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims,
-    aten.unsqueeze.default, aten.im2col.default, aten.col2im.default,
-    aten.pixel_shuffle.default, aten.pixel_unshuffle.default,
-}  # fmt: skip
 # affine producers: (channel axis of the output, indices of per-channel weight and bias args)
 AFFINE = {
     aten.conv2d.default: (1, 1, 2),
@@ -109,16 +101,9 @@ class _Candidate:
     perm: torch.Tensor | None = None  # consumer channel c reads producer channel perm[c]
 
 
-def _module(gm: fx.GraphModule, node: Any) -> FakeQuantizer | None:
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return mod if isinstance(mod, FakeQuantizer) else None
-    return None
-
-
 def _set_module(gm: fx.GraphModule, target: str, module: torch.nn.Module) -> None:
-    owner_path, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(owner_path) if owner_path else gm, name, module)
+    owner, name = owner_of(gm, target)
+    setattr(owner, name, module)
 
 
 def _recalibrated(old: FakeQuantizer, tensor: torch.Tensor) -> FakeQuantizer:
@@ -127,10 +112,6 @@ def _recalibrated(old: FakeQuantizer, tensor: torch.Tensor) -> FakeQuantizer:
     new.observer.observe(tensor.detach())
     new.calibrate()
     return new
-
-
-def _arg(node: fx.Node, index: int) -> Any:
-    return node.args[index] if len(node.args) > index else None
 
 
 def _quantize_weight(w: torch.Tensor, fq: FakeQuantizer) -> torch.Tensor:
@@ -300,12 +281,12 @@ class ScaleBottleneckOutliers(HyqPass):
             if op.target not in self.targets or "hyq_quant" not in op.meta:
                 continue
             act, wfq_node = op.args[0], op.args[1]
-            act_fq, wfq = _module(gm, act), _module(gm, wfq_node)
+            act_fq, wfq = quantizer_of(gm, act), quantizer_of(gm, wfq_node)
             if act_fq is None or wfq is None or wfq_node.args[0].op != "get_attr":
                 continue
             weight = get_tensor(gm, wfq_node.args[0])
             if op.target is aten.conv2d.default and (
-                tuple(weight.shape[2:]) != (1, 1) or (_arg(op, 6) or 1) != 1
+                tuple(weight.shape[2:]) != (1, 1) or (arg(op, 6, "groups") or 1) != 1
             ):
                 continue  # not a pointwise conv
             where = f"{op.name} ({op.meta.get('hyq_module_path', '?')})"
@@ -334,7 +315,7 @@ class ScaleBottleneckOutliers(HyqPass):
             if not isinstance(node, fx.Node) or len(node.users) != 1:
                 return None
             chain.append(node)
-            if node.op == "call_function" and node.target in MOVE_OPS:
+            if node.op == "call_function" and node.target in MOVES_VALUES:
                 node = node.args[0]
                 continue
             break
@@ -344,10 +325,10 @@ class ScaleBottleneckOutliers(HyqPass):
         _, w_index, b_index = AFFINE[producer.target]
         if producer.target is aten.layer_norm.default and len(producer.args[1]) != 1:
             return None  # normalises over several trailing dims: no single channel axis
-        if producer.target is aten.batch_norm.default and _arg(producer, 5):
+        if producer.target is aten.batch_norm.default and arg(producer, 5, "training"):
             return None  # training-mode batch norm
-        for index in (w_index, b_index):
-            if _param_source(gm, _arg(producer, index)) is False:
+        for index, name in ((w_index, "weight"), (b_index, "bias")):
+            if _param_source(gm, arg(producer, index, name)) is False:
                 return None
         return list(reversed(chain))
 
@@ -482,7 +463,7 @@ class ScaleBottleneckOutliers(HyqPass):
             _scale_param(gm, producer, index, inv, is_weight=index == w_index)
 
     def _per_channel_quantizer(self, gm: fx.GraphModule, cand: _Candidate, alpha) -> None:
-        old = _module(gm, cand.act)
+        old = quantizer_of(gm, cand.act)
         spec = old.spec.replace(per_channel=True, axis=cand.axis)
         new = FakeQuantizer(spec, old.observer_name, old.role)
         new.set_qparams(old.scale * alpha, old.zero_point.expand(alpha.numel()))
@@ -503,7 +484,7 @@ class ScaleBottleneckOutliers(HyqPass):
         new_w = w * alpha.reshape(shape).to(w.dtype)
         node = add_constant(gm, f"{cand.weight.target}_alpha", new_w, cand.wfq)
         cand.wfq.replace_input_with(cand.weight, node)
-        _set_module(gm, cand.wfq.target, _recalibrated(_module(gm, cand.wfq), new_w))
+        _set_module(gm, cand.wfq.target, _recalibrated(quantizer_of(gm, cand.wfq), new_w))
 
     def requires(self, gm: fx.GraphModule) -> None:
         if not self.ctx.calib_batches:
@@ -551,8 +532,8 @@ class ScaleBottleneckOutliers(HyqPass):
             alpha, before, after = learn_alpha(
                 x,
                 w.reshape(w.shape[0], w.shape[1]),
-                _module(gm, c.act),
-                _module(gm, c.wfq),
+                quantizer_of(gm, c.act),
+                quantizer_of(gm, c.wfq),
                 (lo, hi),
                 steps=self.steps,
                 lr=self.lr,
@@ -601,18 +582,18 @@ class ScaleBottleneckOutliers(HyqPass):
                 raise PassError(f"scale_bottleneck_outliers left quantizer '{name}' uncalibrated")
 
 
-def _param_source(gm: fx.GraphModule, arg: Any) -> tuple[fx.Node, fx.Node | None] | None | bool:
-    """(get_attr, its FakeQuantizer or None) behind a weight/bias argument; None for a missing
-    argument; False when it is something that cannot be rescaled (computed, or shared)."""
-    if arg is None:
+def _param_source(gm: fx.GraphModule, value: Any) -> tuple[fx.Node, fx.Node | None] | None | bool:
+    """(get_attr, its FakeQuantizer or None) behind a weight/bias argument ``value``; None for a
+    missing argument; False when it is something that cannot be rescaled (computed, or shared)."""
+    if value is None:
         return None
-    if not isinstance(arg, fx.Node):
+    if not isinstance(value, fx.Node):
         return False
-    if arg.op == "get_attr":
-        return (arg, None) if len(arg.users) == 1 else False
-    fq = _module(gm, arg)
-    if fq is not None and arg.args[0].op == "get_attr" and len(arg.users) == 1:
-        return (arg.args[0], arg) if len(arg.args[0].users) == 1 else False
+    if value.op == "get_attr":
+        return (value, None) if len(value.users) == 1 else False
+    fq = quantizer_of(gm, value)
+    if fq is not None and value.args[0].op == "get_attr" and len(value.users) == 1:
+        return (value.args[0], value) if len(value.args[0].users) == 1 else False
     return False
 
 
@@ -620,7 +601,7 @@ def _scale_param(
     gm: fx.GraphModule, producer: fx.Node, index: int, factor: torch.Tensor, *, is_weight: bool
 ) -> None:
     """Multiply the producer's per-output-channel parameter ``args[index]`` by ``factor``."""
-    src = _param_source(gm, _arg(producer, index))
+    src = _param_source(gm, arg(producer, index, "weight" if is_weight else "bias"))
     if src is None:
         if not is_weight:
             return  # no bias: 0 · factor = 0
@@ -638,7 +619,7 @@ def _scale_param(
     new_node = add_constant(gm, f"{node.target}_alpha", new_t, user)
     user.replace_input_with(node, new_node)
     if fq_node is not None:
-        _set_module(gm, fq_node.target, _recalibrated(_module(gm, fq_node), new_t))
+        _set_module(gm, fq_node.target, _recalibrated(quantizer_of(gm, fq_node), new_t))
 
 
 def _drop_replaced_constants(gm: fx.GraphModule) -> None:
@@ -655,8 +636,7 @@ def _drop_replaced_constants(gm: fx.GraphModule) -> None:
     for node in dead:
         if node.target in used:
             continue
-        owner_path, _, attr = node.target.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner, attr = owner_of(gm, node.target)
         if isinstance(owner, FakeQuantizer):
             continue
         owner._parameters.pop(attr, None)

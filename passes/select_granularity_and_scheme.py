@@ -52,9 +52,9 @@ from hyq_fx.pass_base import (
     quantizers,
     register_pass,
 )
-from hyq_fx.quantize import quantizers_mode
 from hyq_fx.quantizer import FakeQuantizer
 from hyq_fx.spec import QuantSpec
+from hyq_fx.vocabulary import quantizers_mode
 
 aten = torch.ops.aten
 

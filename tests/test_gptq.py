@@ -20,6 +20,7 @@ from hyq_fx.pass_base import (
     get_pass,
     get_tensor,
     quantizers,
+    record_node_outputs,
     run_passes,
 )
 from hyq_fx.passes.reconstruct_blocks import partition_blocks
@@ -311,23 +312,13 @@ def test_stepper_gives_each_layer_the_inputs_a_full_run_gives(data):
     ctx = QuantContext([calib], w_bits=4, a_bits=4, progress=False)
     run_passes(gm, _recipe("minmax", []).build(ctx))
     ops = RoundWeightsGPTQ._ops(gm)
-    seen: dict[str, torch.Tensor] = {}
-
-    class _Record(torch.fx.Interpreter):
-        def run_node(self, n):
-            if n in ops:
-                seen[n.name] = self.env[n.args[0]]
-            return super().run_node(n)
-
     batches = list(calib.split(16))
     stepper = _Stepper(gm, batches)
     for op in ops:
         got = torch.cat(stepper.inputs_of(op))
-        with torch.no_grad():
-            for b in batches:
-                _Record(gm).run(b)
-                seen.setdefault("all", []).append(seen[op.name])
-        assert torch.equal(got, torch.cat(seen.pop("all"))), op.name
+        source = op.args[0].name
+        full_run = [record_node_outputs(gm, b, [source])[source] for b in batches]
+        assert torch.equal(got, torch.cat(full_run)), op.name
         # only values a later node needs are kept
         assert len(stepper.interpreters[0].env) <= 12, len(stepper.interpreters[0].env)
     with pytest.raises(PassError, match="compensate_min_samples"):
