@@ -4,8 +4,9 @@ Each architecture is built with timm's random initialisation (seed 0) at its def
 size, its BatchNorm statistics settled on 64 real images of the ImageNet sample in
 ``../shared``, quantized with ``--recipe`` (default ``minmax`` W8A8) on 32 other images, and
 taken through :func:`hyq_fx.deploy_check.check_deploy`: the portable ONNX export in ONNX
-Runtime and the TVM llvm library, each compared with the fake-quant model on 8 further images
-at batch 1 (4 images, one at a time) and batch 8.
+Runtime and the TVM llvm library (LLVM -O0: a coverage check, not a speed figure), each
+compared with the fake-quant model on 8 further images at batch 1 (4 images, one at a time)
+and batch 8.
 
     python benchmarks/zoo.py                                   # every architecture
     python benchmarks/zoo.py --models levit_128s fastvit_t8    # a few
@@ -41,7 +42,14 @@ ARCHITECTURES = [
     "resnet18", "efficientnet_b0", "mobilenetv3_small_100", "convnext_atto",
 ]  # fmt: skip
 SETTLE, CALIB, EVAL = 64, 32, 8
-BACKENDS = ("onnx", "onnx_fp32", "tvm")
+TVM_TARGET = {"kind": "llvm", "opt-level": 0}  # LLVM -O0: the same numerics, built faster
+BACKENDS = (
+    "onnx",
+    "torch_integer",
+    "onnx_fp32",
+    "openvino",
+    "tvm",
+)  # openvino: `pip install openvino`
 
 
 def images_for(info: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
@@ -60,7 +68,9 @@ def run_one(name: str, recipe: str, backends: tuple[str, ...]) -> dict:
     settle, calib, evaluation = images_for(info)
     model = settle_batchnorm(model, settle)
     with tempfile.TemporaryDirectory() as work:
-        row = check_deploy(model, calib, evaluation, work, recipe=recipe, backends=backends)
+        row = check_deploy(
+            model, calib, evaluation, work, recipe=recipe, backends=backends, tvm_target=TVM_TARGET
+        )
     row.update(
         model=name,
         input_size=list(info["pretrained_cfg"]["input_size"]),
@@ -122,7 +132,7 @@ def summary_line(row: dict) -> str:
 def write_markdown(store: ResultStore, path: Path) -> None:
     rows = sorted(store.data["rows"].values(), key=lambda r: ARCHITECTURES.index(r["model"])
                   if r["model"] in ARCHITECTURES else len(ARCHITECTURES))  # fmt: skip
-    passed = {b: sum(1 for r in rows if r.get(b, {}).get("passed")) for b in ("onnx", "tvm")}
+    passed = {b: sum(1 for r in rows if r.get(b, {}).get("passed")) for b in BACKENDS}
     lines = [
         *markdown_header(
             "Deploy coverage: timm architectures through ONNX Runtime and TVM", store.data
@@ -133,17 +143,22 @@ def write_markdown(store: ResultStore, path: Path) -> None:
         "at least 3 of 4 images; then SQNR batch 1 / batch 8, top-1 agreement at batch 1 and "
         "batch 8, and the export + build seconds. `fake-quant` is the quantized model's logit "
         "SQNR against FP32 (random weights: a check that the recipe runs, not accuracy). "
+        "`torch integer graph` runs the integer graph (quantize/dequantize ops) in torch: "
+        "torch's reference quantize multiplies by 1/s where fake-quant divides, so it differs "
+        "only in codes within float rounding of a tie, and its SQNR is the floor a runtime can "
+        "reach on that network. "
+        "`OpenVINO` runs the same portable file in OpenVINO's CPU runtime (f32 precision hint). "
         "`ONNX FP32` exports the same graph with every quantizer off and compares ONNX Runtime "
         "with torch (SQNR, max |Δ| of the logits): the op translation alone. Where the "
         "fake-quant SQNR is low the random network is sensitive, and one-step code flips from "
         "float rounding differences grow with it.",
         "",
-        f"ONNX Runtime ok: {passed['onnx']} of {len(rows)}; TVM llvm ok: {passed['tvm']} of "
-        f"{len(rows)}.",
+        f"ONNX Runtime ok: {passed['onnx']} of {len(rows)}; OpenVINO ok: {passed['openvino']}; "
+        f"TVM llvm ok: {passed['tvm']}.",
         "",
         "| model | input | params (M) | fake-quant vs FP32 | quantize s | ONNX Runtime "
-        "| ONNX FP32 | TVM llvm |",
-        "|---|---|---|---|---|---|---|---|",
+        "| torch integer graph | ONNX FP32 | OpenVINO | TVM llvm |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q = r.get("quantize", {})
@@ -151,7 +166,9 @@ def write_markdown(store: ResultStore, path: Path) -> None:
         size = "x".join(str(d) for d in r["input_size"][1:])
         lines.append(
             f"| {r['model']} | {size} | {r['params_m']} | {fq} | {q.get('seconds', 0):.0f} | "
-            f"{_cell(r.get('onnx'))} | {_cell(r.get('onnx_fp32'))} | {_cell(r.get('tvm'))} |"
+            f"{_cell(r.get('onnx'))} | {_cell(r.get('torch_integer'))} | "
+            f"{_cell(r.get('onnx_fp32'))} | "
+            f"{_cell(r.get('openvino'))} | {_cell(r.get('tvm'))} |"
         )
     path.write_text("\n".join(lines) + "\n")
 

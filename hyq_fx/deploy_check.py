@@ -6,9 +6,14 @@ skipped):
 
 1. ``quantize`` (capture + recipe), compared with the float model: logit SQNR (dB);
 2. ``onnx``: :func:`hyq_fx.backends.onnx_export.export_onnx`, run in ONNX Runtime;
-3. ``onnx_fp32``: the same export with every quantizer off, against the captured float graph:
+3. ``torch_integer``: the integer graph (:mod:`hyq_fx.integer_graph`) run by torch: the floor
+   a runtime can reach, since torch's reference ``quantize_per_tensor`` multiplies by ``1/s``
+   where the fake-quant divides, which moves only codes within float rounding of a tie;
+4. ``onnx_fp32``: the same export with every quantizer off, against the captured float graph:
    it checks the translation of the ops alone (float rounding, no quantization);
-4. ``tvm``: :func:`hyq_fx.backends.tvm_relax.build_tvm` for ``llvm`` (dynamic batch), run by
+5. ``openvino``: the ``onnx`` file run by OpenVINO's CPU runtime in float32 precision (where
+   the ``openvino`` package is installed; it is no dependency of hyq-fx);
+6. ``tvm``: :func:`hyq_fx.backends.tvm_relax.build_tvm` for ``llvm`` (dynamic batch), run by
    the Relax VM.
 
 A runtime is compared with the fake-quant model at batch 1 (the first ``BATCH1_IMAGES``
@@ -34,6 +39,8 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+
+from hyq_fx.integer_graph import integer_graph
 
 __all__ = ["BATCH1_IMAGES", "MIN_SQNR_DB", "check_deploy", "compare", "settle_batchnorm"]
 
@@ -111,6 +118,19 @@ def _onnx_runtime(qgm: fx.GraphModule, work: Path) -> Callable[[torch.Tensor], t
     return OnnxRunner(export_onnx(qgm, work / "model.qdq.onnx"))
 
 
+def _openvino_runtime(qgm: fx.GraphModule, work: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    import openvino
+
+    path = work / "model.qdq.onnx"
+    if not path.is_file():
+        from hyq_fx.backends.onnx_export import export_onnx
+
+        export_onnx(qgm, path)
+    # f32: on CPUs with bf16 OpenVINO otherwise runs float ops in bf16 by default
+    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return lambda x: torch.from_numpy(compiled(x.detach().float().numpy())[0].copy())
+
+
 def _onnx_fp32(qgm: fx.GraphModule, work: Path, images: torch.Tensor) -> dict[str, Any]:
     from hyq_fx.backends.onnx_export import export_onnx
     from hyq_fx.backends.onnx_qdq import OnnxRunner
@@ -123,10 +143,10 @@ def _onnx_fp32(qgm: fx.GraphModule, work: Path, images: torch.Tensor) -> dict[st
     return {"sqnr_db": _sqnr_db(ref, got), "max_abs": float((ref - got).abs().max())}
 
 
-def _tvm_runtime(qgm: fx.GraphModule, work: Path, example: torch.Tensor):
+def _tvm_runtime(qgm: fx.GraphModule, work: Path, example: torch.Tensor, target: Any):
     from hyq_fx.backends.tvm_relax import TvmRunner, build_tvm
 
-    return TvmRunner(build_tvm(qgm, example, "llvm", work / "model.llvm.so"))
+    return TvmRunner(build_tvm(qgm, example, target, work / "model.llvm.so"))
 
 
 def check_deploy(
@@ -136,12 +156,15 @@ def check_deploy(
     work_dir: str | Path,
     *,
     recipe: str = "minmax",
-    backends: tuple[str, ...] = ("onnx", "onnx_fp32", "tvm"),
+    backends: tuple[str, ...] = ("onnx", "torch_integer", "onnx_fp32", "openvino", "tvm"),
+    tvm_target: Any = "llvm",
 ) -> dict[str, Any]:
     """Take ``model`` through quantize → each of ``backends``; a row of results per step.
 
     ``calib``: calibration batches; ``images``: at least ``BATCH1_IMAGES`` other images, the
     batch-N comparison runs all of them at once. Artifacts are written under ``work_dir``.
+    ``tvm_target``: what ``build_tvm`` builds for (e.g. ``{"kind": "llvm", "opt-level": 0}``:
+    the same numerics, built about three times faster).
     """
     import hyq_fx
 
@@ -155,7 +178,9 @@ def check_deploy(
         row["quantize"]["sqnr_vs_fp32_db"] = _sqnr_db(model(images), qgm(images))
     runtimes = {
         "onnx": lambda: _onnx_runtime(qgm, work),
-        "tvm": lambda: _tvm_runtime(qgm, work, images[:2]),
+        "torch_integer": lambda: integer_graph(qgm).eval(),
+        "openvino": lambda: _openvino_runtime(qgm, work),
+        "tvm": lambda: _tvm_runtime(qgm, work, images[:2], tvm_target),
     }
     for name in backends:
         if name == "onnx_fp32":
