@@ -33,6 +33,8 @@ ZOO_SUBSET = {
     "deit_tiny_patch16_224": {"img_size": 128},  # a class token expanded to the batch
     "levit_128s": {"img_size": 128},  # aten.reshape_as
 }
+# the float export (every quantizer off) of these is checked too; benchmarks/zoo.py checks all
+FLOAT_CHECKED = ("efficientformerv2_s0", "levit_128s")
 
 
 def _imagenet_batches(info: dict, size: int) -> list[torch.Tensor]:
@@ -50,11 +52,12 @@ def test_zoo_architecture_exports_and_matches_fake_quant(name, tmp_path):
     model, info = load_model(name, pretrained=False, **ZOO_SUBSET[name])
     batches = _imagenet_batches(info, 128)  # 40 images: 20 settle, 10 calibrate, 8 compare
     model = settle_batchnorm(model, batches[:2])
-    backends = ("onnx", "onnx_fp32")
+    backends = ("onnx", "onnx_fp32") if name in FLOAT_CHECKED else ("onnx",)
     row = check_deploy(model, batches[2:3], batches[3][:8], tmp_path, backends=backends)
     assert "error" not in row["onnx"], row["onnx"]
     assert row["onnx"]["sqnr_b1_db"] >= MIN_SQNR_DB and row["onnx"]["sqnr_bn_db"] >= MIN_SQNR_DB
-    assert row["onnx_fp32"]["sqnr_db"] >= 80  # every op translated exactly, up to float rounding
+    if name in FLOAT_CHECKED:  # every op translated exactly, up to float rounding
+        assert row["onnx_fp32"]["sqnr_db"] >= 80
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +66,21 @@ def xxs_quantized(xxs_model, xxs_input):
     return hyq_fx.quantize(xxs_model, xxs_input, "minmax", progress=False)
 
 
-def test_file_is_standard_qdq_with_integer_weights_and_dynamic_batch(xxs_quantized, tmp_path):
-    path = export_onnx(xxs_quantized, tmp_path / "m.onnx")
-    model = onnx.load(str(path))
+@pytest.fixture(scope="module")
+def cli_export(xxs_quantized, tmp_path_factory):
+    """``hyq-fx export OUT --to onnx`` of the xxs model quantized at 128x128, whose stored
+    preprocessing (timm's default cfg) says another size."""
+    _, info = load_model("mobilevit_xxs", pretrained=False, num_classes=10)
+    assert info["pretrained_cfg"]["input_size"][1:] != [128, 128]  # timm's default is another
+    qgm = hyq_fx.load(hyq_fx.save(xxs_quantized, tmp_path_factory.mktemp("q") / "q"))
+    qgm.meta["hyq"]["model_info"] = info
+    out = hyq_fx.save(qgm, tmp_path_factory.mktemp("q2") / "q2")
+    assert main(["export", str(out), "--to", "onnx"]) == 0
+    return out / "model.qdq.onnx"
+
+
+def test_file_is_standard_qdq_with_integer_weights_and_dynamic_batch(cli_export):
+    model = onnx.load(str(cli_export))
     assert {n.domain for n in model.graph.node} == {""}
     kinds = {onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer}
     assert {"INT8", "UINT8"} <= kinds
@@ -74,18 +89,12 @@ def test_file_is_standard_qdq_with_integer_weights_and_dynamic_batch(xxs_quantiz
     assert conv_weights and conv_weights <= dequantized  # no float conv weight is stored
     batch = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch.dim_param == "batch"
-    report = OnnxRunner(path).export_report
+    report = OnnxRunner(cli_export).export_report
     assert report["dynamic_batch"] and report["input_shape"] == [3, 128, 128]
 
 
-def test_cli_exports_at_the_size_the_model_was_quantized_at(xxs_quantized, xxs_input, tmp_path):
-    _, info = load_model("mobilevit_xxs", pretrained=False, num_classes=10)
-    assert info["pretrained_cfg"]["input_size"][1:] != [128, 128]  # timm's default is another
-    qgm = hyq_fx.load(hyq_fx.save(xxs_quantized, tmp_path / "q"))
-    qgm.meta["hyq"]["model_info"] = info
-    out = hyq_fx.save(qgm, tmp_path / "q2")
-    assert main(["export", str(out), "--to", "onnx"]) == 0
-    runner = OnnxRunner(out / "model.qdq.onnx")
+def test_cli_exports_at_the_size_the_model_was_quantized_at(cli_export, xxs_quantized, xxs_input):
+    runner = OnnxRunner(cli_export)
     assert runner.model_info["pretrained_cfg"]["input_size"] == [3, 128, 128]
     with torch.no_grad():
         ref = xxs_quantized(xxs_input)
