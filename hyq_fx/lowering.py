@@ -7,6 +7,8 @@ before exporting, these are rewritten exactly::
 
     channel_shuffle(x, g)  =  reshape(transpose(reshape(x, [N, g, C/g, H, W]), 1, 2), [N, C, H, W])
     relu6(x)               =  hardtanh(x, 0, 6)
+    to.device(x, d, t)     =  to.dtype(x, t)     (an exported graph runs on one device; TVM 0.27's
+                                                  importer has no to.device: EdgeNeXt's encoding)
 
 :func:`fold_tokens_with_pixel_shuffle` goes the other way for one chain that ONNX Runtime runs
 slowly: MobileViT's fold of tokens ``[B, P, N, C]`` (``P = s²`` pixels of a patch, ``N = h·w``
@@ -97,11 +99,11 @@ def _set_val(node: fx.Node) -> None:
 def lower_for_export(
     gm: fx.GraphModule, example_input: torch.Tensor | None = None
 ) -> fx.GraphModule:
-    """A copy of ``gm`` with channel_shuffle and relu6 written as ops every backend has.
+    """A copy of ``gm`` with channel_shuffle, relu6 and to.device written as ops every backend has.
 
     A graph without shapes (loaded from an artifact) needs ``example_input`` to find them.
     """
-    targets = (aten.channel_shuffle.default, aten.relu6.default)
+    targets = (aten.channel_shuffle.default, aten.relu6.default, aten.to.device)
     if not any(n.op == "call_function" and n.target in targets for n in gm.graph.nodes):
         return gm
     gm = copy.deepcopy(gm)
@@ -119,6 +121,9 @@ def lower_for_export(
         with graph.inserting_before(node):
             if node.target is aten.relu6.default:
                 new = graph.call_function(aten.hardtanh.default, (x, 0.0, 6.0))
+            elif node.target is aten.to.device:  # exported graphs run on one device
+                dtype = node.args[2] if len(node.args) > 2 else node.kwargs.get("dtype")
+                new = graph.call_function(aten.to.dtype, (x, dtype))
             else:
                 shape = _shape(x)
                 if shape is None or len(shape) != 4:

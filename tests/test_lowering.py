@@ -150,3 +150,23 @@ def test_batch_norm_becomes_its_affine_map():
     assert _count(after, aten.mul.Tensor) == 2 and _count(after, aten.add.Tensor) == 2
     with torch.no_grad():
         torch.testing.assert_close(after(x), before(x), rtol=0, atol=1e-5)
+
+
+class _MaskOnDevice(nn.Module):
+    """EdgeNeXt's positional encoding makes a mask with ``.to(device, dtype)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(x.shape[0], x.shape[2], x.shape[3]).to(x.device, torch.bool)
+        return x + (~mask).float().cumsum(1).unsqueeze(1)
+
+
+def test_to_device_becomes_to_dtype_bit_for_bit():
+    from hyq_fx.lowering import lower_for_export
+
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    before = hyq_fx.capture(_MaskOnDevice().eval(), x)
+    after = lower_for_export(before, x)
+    assert _count(before, aten.to.device) == 1 and _count(after, aten.to.device) == 0
+    assert _count(after, aten.to.dtype) == _count(before, aten.to.dtype) + 1
+    with torch.no_grad():
+        assert torch.equal(after(x), before(x))
